@@ -1,0 +1,1 @@
+"""Ops with a reference twin and compiled and Triton backends, one family per module."""

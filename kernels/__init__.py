@@ -1,0 +1,1 @@
+"""Triton kernels, installed as gansparse.kernels. Imported only when the triton backend runs."""
