@@ -261,10 +261,15 @@ def masked_conv_norm_act(
         _check_tensor(bias, "bias", (1,), channels=out_channels, like=x)
     conv_args = dict(stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=groups,
                      transposed=transposed, output_padding=_pair(output_padding))
-    backend = _dispatch.select("masked_conv_norm_act", x.device, impl)
+    backend = _dispatch.select("masked_conv_norm_act", x.device, impl, compiled_op="norm_mask_act")
     if backend == "triton":
         from ..kernels import conv_norm_act as triton_kernels
 
+        # The Triton kernel fuses the conv, so the epilogue's arguments are checked against the
+        # shape the conv output will have (a meta conv also checks the conv's own arguments).
+        y_shape = conv_ref(x.detach().to("meta"), weight.detach().to("meta"), None, **conv_args).shape
+        _check_epilogue_args(x.new_empty(()).expand(y_shape), mask, gamma, beta, running_mean, running_var,
+                             norm, training, momentum, eps, activation)
         return triton_kernels.masked_conv_norm_act(
             x, weight, bias, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
             momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope, **conv_args,
