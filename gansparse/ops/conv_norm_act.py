@@ -87,14 +87,26 @@ def compiled_ops():
     ops = torch.ops.gansparse
 
     def fake_backward(grad_out, y, mask, gamma, beta, mean, invstd, stats, activation, negative_slope, output_mask):
-        def like(t):
-            return torch.empty_like(t) if t is not None else y.new_empty((0,))
+        # Gradients not asked for in output_mask are empty tensors.
+        def like(t, wanted):
+            return torch.empty_like(t) if wanted and t is not None else y.new_empty((0,))
 
-        return torch.empty_like(y), like(mask), like(gamma), like(beta)
+        return tuple(like(t, wanted) for t, wanted in zip((y, mask, gamma, beta), output_mask))
 
     torch.library.register_fake("gansparse::norm_mask_act_backward")(fake_backward)
     register_epilogue("gansparse::norm_mask_act", ops.norm_mask_act_backward)
     return ops.norm_mask_act, ops.norm_mask_act_backward
+
+
+@_dispatch.trace_time_constant
+def _backend(op: str, device: torch.device, impl: str | None) -> str:
+    """The backend that runs `op` for tensors on `device`, with its ops registered."""
+    backend = _dispatch.select(op, device, impl, compiled_op="norm_mask_act")
+    if backend == "triton":
+        from ..kernels import conv_norm_act  # noqa: F401  (registers the Triton ops)
+    elif backend != "ref":
+        compiled_ops()
+    return backend
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -188,7 +200,7 @@ def norm_mask_act(
     activation: 'relu', 'leaky_relu' (with negative_slope) or None.
     """
     _check_epilogue_args(y, mask, gamma, beta, running_mean, running_var, norm, training, momentum, eps, activation)
-    backend = _dispatch.select("norm_mask_act", y.device, impl)
+    backend = _backend("norm_mask_act", y.device, impl)
     if backend == "ref":
         return norm_mask_act_ref(
             y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
@@ -199,7 +211,7 @@ def norm_mask_act(
 
         forward = triton_kernels.norm_mask_act
     else:
-        forward, _ = compiled_ops()
+        forward = torch.ops.gansparse.norm_mask_act
     stats, mean, invstd = _stats_mode(norm, training, running_mean, running_var, eps)
     out, batch_mean, batch_invstd = forward(
         y, mask, gamma, beta, mean, invstd, stats, float(eps), activation or "none", float(negative_slope)
@@ -261,7 +273,7 @@ def masked_conv_norm_act(
         _check_tensor(bias, "bias", (1,), channels=out_channels, like=x)
     conv_args = dict(stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=groups,
                      transposed=transposed, output_padding=_pair(output_padding))
-    backend = _dispatch.select("masked_conv_norm_act", x.device, impl, compiled_op="norm_mask_act")
+    backend = _backend("masked_conv_norm_act", x.device, impl)
     if backend == "triton":
         from ..kernels import conv_norm_act as triton_kernels
 
@@ -274,11 +286,26 @@ def masked_conv_norm_act(
             x, weight, bias, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
             momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope, **conv_args,
         )
-    y = conv_ref(x, weight, bias, **conv_args)
-    return norm_mask_act(
+    conv_input = x
+    if backend == "cpu" and _nhwc_conv_is_faster(x, out_channels, groups):
+        conv_input = x.contiguous(memory_format=torch.channels_last)
+    y = conv_ref(conv_input, weight, bias, **conv_args)
+    out = norm_mask_act(
         y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training, momentum=momentum,
         eps=eps, activation=activation, negative_slope=negative_slope, impl=backend,
     )
+    # The output has the layout the conv of x itself would have given it.
+    return out if conv_input is x else out.contiguous()
+
+
+def _nhwc_conv_is_faster(x: torch.Tensor, out_channels: int, groups: int) -> bool:
+    """Whether the cpu backend should run the conv of a non-channels_last x in channels_last:
+    oneDNN's NHWC convolutions beat its NCHW ones by 1.3-3x when every group has many channels
+    (the generator layers of benchmarks/conv_norm_act.py), but not for depthwise or few-channel
+    convs. The two layout copies cost one memory pass each."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return x.shape[1] // groups >= 16 and out_channels // groups >= 16
 
 
 def masked_conv_cbn_relu(x, weight, bias, mask, gamma, beta, running_mean=None, running_var=None, **kwargs):
