@@ -69,9 +69,10 @@ setup(
     version="0.1.0",
     description="Fast masked and sparse kernels, and five published GAN compression methods, for PyTorch",
     python_requires=">=3.10",
-    # Only gansparse goes into site-packages; the Triton kernels of kernels/ install as gansparse.kernels.
-    packages=["gansparse", "gansparse.ops", "gansparse.kernels"],
-    package_dir={"gansparse": "gansparse", "gansparse.kernels": "kernels"},
+    # Only gansparse goes into site-packages; the Triton kernels of kernels/ install as gansparse.kernels
+    # and the networks of models/ as gansparse.models.
+    packages=["gansparse", "gansparse.ops", "gansparse.kernels", "gansparse.models"],
+    package_dir={"gansparse": "gansparse", "gansparse.kernels": "kernels", "gansparse.models": "models"},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

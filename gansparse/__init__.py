@@ -6,6 +6,8 @@ compiled extension is loaded by the first op that runs on it.
 from . import functional, masks
 from ._dispatch import IMPLS, BackendUnavailableError
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
+# The function shadows its module as an attribute of gansparse: gansparse.profile(model, x).
+from .profile import profile, profile_table
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,7 @@ __all__ = [
     "MaskedConvTranspose2d",
     "functional",
     "masks",
+    "profile",
+    "profile_table",
     "__version__",
 ]

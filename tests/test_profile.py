@@ -1,0 +1,133 @@
+"""gansparse.profile: the published MACs at full size (on 'meta', nothing computed), agreement with
+torchprofile on the same models, the transposed-conv sides, functional ops, shared parameters and
+the effective MACs of masked models."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchprofile import profile_macs
+
+from gansparse import MaskedConvNormAct, profile, profile_table
+from gansparse.masks import HardMask
+from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator
+
+FULL_SIZE = {
+    "resnet_9blocks": (lambda: ResnetGenerator(3, 3, 64, "instance", n_blocks=9), 11_378_179, 56_799_264_768),
+    "unet_256": (lambda: UnetGenerator(3, 3, 8, 64, "batch"), 54_413_955, 18_143_334_400),
+    "basic_D": (lambda: NLayerDiscriminator(3, 64, 3, "batch"), 2_765_633, 3_148_087_808),
+}
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_published_params_and_macs_at_256(name):
+    make, params, macs = FULL_SIZE[name]
+    with torch.device("meta"):
+        stats = profile(make(), torch.zeros(1, 3, 256, 256))
+    assert stats["params"] == params
+    assert stats["macs"] == macs  # 56.80 G, 18.14 G, 3.15 G
+    assert round(macs / 1e9, 2) == {"resnet_9blocks": 56.80, "unet_256": 18.14, "basic_D": 3.15}[name]
+    assert stats["macs_effective"] == macs  # no masks
+    assert sum(row["params"] for row in stats["layers"]) == params
+
+
+def _torchprofile(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes on the ops it skips (padding, in-place leaky_relu)
+        return profile_macs(model, x)
+
+
+# Traced by torchprofile, so small: full width at 64x64; unet_256 needs 256x256, so at ngf 16.
+@pytest.mark.parametrize("make, side", [
+    (lambda: ResnetGenerator(3, 3, 64, "instance", n_blocks=9), 64),
+    (lambda: UnetGenerator(3, 3, 8, 16, "batch"), 256),
+    (lambda: NLayerDiscriminator(3, 64, 3, "batch"), 64),
+], ids=["resnet_9blocks", "unet_256", "basic_D"])
+def test_agrees_with_torchprofile(make, side):
+    model = make().eval()
+    x = torch.zeros(1, 3, side, side)
+    assert profile(model, x)["macs"] == _torchprofile(model, x)
+
+
+def test_transposed_convolutions_count_either_side():
+    conv = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+    stats = profile(conv, torch.zeros(2, 8, 5, 5))
+    output_side, input_side = 2 * 4 * 10 * 10 * 8 * 9, 2 * 8 * 5 * 5 * 4 * 9
+    assert (stats["macs"], stats["macs_transposed_input_side"]) == (output_side, input_side)
+    assert profile(conv, torch.zeros(2, 8, 5, 5), transposed="input")["macs"] == input_side
+    # The ResNet generator's upsampling convs: 7.25 G fewer multiplications than the published figure.
+    with torch.device("meta"):
+        stats = profile(ResnetGenerator(3, 3, 64, "instance", n_blocks=9), torch.zeros(1, 3, 256, 256))
+    assert stats["macs_transposed_input_side"] == 49_551_507_456
+
+
+class SelfAttention(nn.Module):
+    """SA-GAN style attention: functional matmuls and a scalar gate, no leaf module for them."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.query, self.key, self.value = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.query(x).flatten(2), self.key(x).flatten(2), self.value(x).flatten(2)
+        attention = torch.softmax(torch.bmm(q.transpose(1, 2), k), -1)
+        x = x + self.gamma * torch.bmm(v, attention.transpose(1, 2)).view(n, c, h, w)
+        x = F.avg_pool2d(F.group_norm(x, 2), 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_functional_ops_count_as_torchprofile_counts_them():
+    model, x = SelfAttention(8).eval(), torch.randn(2, 8, 6, 6)
+    stats = profile(model, x)
+    assert stats["macs"] == _torchprofile(model, x)
+    # The matmuls and the gate are attributed to the module that ran them.
+    assert [row["name"] for row in stats["layers"]] == ["query", "key", "value", "(model)", "head"]
+
+
+def test_shared_parameters_count_once():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv)
+    stats = profile(model, torch.zeros(1, 4, 8, 8))
+    assert stats["params"] == 4 * 4 * 9 + 4
+    assert stats["macs"] == 2 * 64 * 4 * 4 * 9
+
+
+def test_fused_layers_count_as_their_unfused_equivalent():
+    fused = MaskedConvNormAct(4, 6, 3, padding=1, norm="batch", activation="relu", mask="hard")
+    plain = nn.Sequential(fused.conv, fused.norm, nn.ReLU())
+    x = torch.randn(2, 4, 8, 8)
+    assert profile(fused, x)["macs"] == profile(plain, x)["macs"] == 2 * 6 * 64 * (4 * 9 + 1)
+
+
+def test_effective_macs_count_the_channels_masks_keep():
+    g = ResnetGenerator(3, 3, 8, "instance", n_blocks=1, mask="hard")
+    keep_half = torch.tensor([1, 0] * 4, dtype=torch.bool)
+    g.model[2].mask = HardMask(8, keep_half)  # the first conv keeps 4 of its 8 output channels
+    stats = profile(g, torch.zeros(1, 3, 32, 32))
+    rows = {row["name"]: row for row in stats["layers"]}
+    assert rows["model.1"]["macs_effective"] == rows["model.1"]["macs"] // 2  # its own outputs
+    assert rows["model.4"]["macs_effective"] == rows["model.4"]["macs"] // 2  # the next conv's inputs
+    assert rows["model.7"]["macs_effective"] == rows["model.7"]["macs"]
+    assert stats["macs_effective"] == sum(row["macs_effective"] for row in stats["layers"]) < stats["macs"]
+    # Masks on 'meta' have no values to read.
+    on_meta = ResnetGenerator(3, 3, 8, mask="dmad").to("meta")
+    assert profile(on_meta, torch.zeros(1, 3, 32, 32, device="meta"))["macs_effective"] is None
+
+
+def test_profile_table_lists_every_layer_and_the_total():
+    stats = profile(NLayerDiscriminator(3, 8), torch.zeros(1, 3, 64, 64))
+    table = profile_table(stats).splitlines()
+    assert len(table) == len(stats["layers"]) + 2
+    assert table[1].split()[:4] == ["model.0", "MaskedConv2d", "1x3x64x64", "1x8x32x32"]
+    assert table[-1].split()[:2] == ["total", f"{stats['params']:,}"]
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="transposed must be one of"):
+        profile(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2), transposed="both")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        profile(lambda x: x, torch.zeros(1))
