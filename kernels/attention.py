@@ -11,9 +11,17 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
-from gansparse.ops.attention import register_autograd
+from gansparse.ops.attention import fake_maps, fake_maps_backward, grad_layout, register_autograd
+
+# Triton reads this when it defines the kernels below.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# triton_op shows torch.compile the kernels inside the op, through wrap_triton. In the interpreter
+# wrap_triton hands kernels back unwrapped, and tracing would run them on fake tensors, so there
+# the op is an opaque custom op instead.
+define_op = custom_op if INTERPRETED else triton_op
 
 
 @triton.jit
@@ -96,7 +104,7 @@ def _exponent(p: float) -> int:
 
 
 def _blocks(channels: int, pixels: int) -> tuple[int, int]:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if INTERPRETED:
         # The interpreter costs about a millisecond per program: few, large programs.
         return min(triton.next_power_of_2(channels), 64), min(triton.next_power_of_2(pixels), 1024)
     return 32, 128
@@ -106,7 +114,7 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton_op("gansparse::attention_maps_triton", mutates_args=())
+@define_op("gansparse::attention_maps_triton", mutates_args=())
 def attention_maps(features: list[torch.Tensor], p: float, mean: bool) -> list[torch.Tensor]:
     maps = []
     for f in features:
@@ -121,7 +129,7 @@ def attention_maps(features: list[torch.Tensor], p: float, mean: bool) -> list[t
     return maps
 
 
-@triton_op("gansparse::attention_maps_backward_triton", mutates_args=())
+@define_op("gansparse::attention_maps_backward_triton", mutates_args=())
 def attention_maps_backward(
     grads: list[torch.Tensor], features: list[torch.Tensor], p: float, mean: bool
 ) -> list[torch.Tensor]:
@@ -129,7 +137,7 @@ def attention_maps_backward(
     for g, f in zip(grads, features):
         N, C, H, W = f.shape
         g = g.to(f.dtype).contiguous()
-        grad_f = torch.empty_like(f)
+        grad_f = torch.empty(f.shape, dtype=f.dtype, device=f.device, memory_format=grad_layout(f))
         block_c, block_hw = _blocks(C, H * W)
         wrap_triton(_maps_backward_kernel)[(triton.cdiv(H * W, block_hw), triton.cdiv(C, block_c), N)](
             g, f, grad_f, C, H, W, *f.stride(), *grad_f.stride(), p, (1.0 / C) if mean else 1.0,
@@ -139,4 +147,7 @@ def attention_maps_backward(
     return result
 
 
+# The fake kernels of the compiled ops: the same outputs, the same checks.
+attention_maps.register_fake(fake_maps)
+attention_maps_backward.register_fake(fake_maps_backward)
 register_autograd("gansparse::attention_maps_triton", attention_maps_backward)

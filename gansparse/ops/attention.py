@@ -42,12 +42,45 @@ def _backward_through(backward_op):
     return backward
 
 
-def _fake_maps(features, p, mean):
+# Fake kernels of the compiled and the Triton ops. They check what the C++ kernels check: they
+# also run for real tensors whenever one input is on the meta device, where a silent result
+# would be uninitialised memory.
+
+
+def _check_op_features(features, p: float) -> None:
+    if len(features) == 0:
+        raise ValueError("features must be a non-empty list of tensors")
+    _check_exponent(p)
+    for i, f in enumerate(features):
+        _check_feature(f, f"features[{i}]")
+        if f.device != features[0].device:
+            raise ValueError(f"features[{i}] is on {f.device} but features[0] is on {features[0].device}")
+
+
+def fake_maps(features, p, mean):
+    _check_op_features(features, p)
     return [f.new_empty((f.shape[0], f.shape[2], f.shape[3])) for f in features]
 
 
-def _fake_maps_backward(grads, features, p, mean):
-    return [torch.empty_like(f) for f in features]
+def fake_maps_backward(grads, features, p, mean):
+    _check_op_features(features, p)
+    if len(grads) != len(features):
+        raise ValueError(f"grads has {len(grads)} tensors but features has {len(features)}")
+    for i, (g, f) in enumerate(zip(grads, features)):
+        expected = (f.shape[0], f.shape[2], f.shape[3])
+        if tuple(g.shape) != expected:
+            raise ValueError(f"grads[{i}] must have shape {expected}, got {tuple(g.shape)}")
+        if g.device != f.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but features[{i}] is on {f.device}")
+    return [torch.empty(f.shape, dtype=f.dtype, device=f.device, memory_format=grad_layout(f)) for f in features]
+
+
+def grad_layout(f: torch.Tensor) -> torch.memory_format:
+    """The layout every backend writes a gradient in: NHWC for a channels_last feature, NCHW for
+    any other (the C++ kernels copy those to NCHW first)."""
+    if not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def register_autograd(forward_name: str, backward_op) -> None:
@@ -63,8 +96,8 @@ def compiled_ops():
     if _ext.extension() is None:
         return None
     ops = torch.ops.gansparse
-    torch.library.register_fake("gansparse::attention_maps")(_fake_maps)
-    torch.library.register_fake("gansparse::attention_maps_backward")(_fake_maps_backward)
+    torch.library.register_fake("gansparse::attention_maps")(fake_maps)
+    torch.library.register_fake("gansparse::attention_maps_backward")(fake_maps_backward)
     register_autograd("gansparse::attention_maps", ops.attention_maps_backward)
     return ops.attention_maps, ops.attention_maps_backward
 
@@ -83,9 +116,13 @@ def _check_feature(f, name: str) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(f.shape)}")
 
 
-def _check_options(p: float, reduce: str) -> None:
+def _check_exponent(p: float) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (1.0 <= float(p) < float("inf")):
         raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+
+
+def _check_options(p: float, reduce: str) -> None:
+    _check_exponent(p)
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
 
@@ -115,16 +152,24 @@ def attention_maps(
         _check_feature(f, f"features[{i}]")
         if f.device != features[0].device:
             raise ValueError(f"features[{i}] is on {f.device} but features[0] is on {features[0].device}")
-    backend = _dispatch.select("attention_maps", features[0].device, impl)
+    backend = _backend(features[0].device, impl)
     mean = reduce == "mean"
     if backend == "ref":
         return attention_maps_ref(features, float(p), mean)
-    if backend == "triton":
-        from ..kernels import attention as triton_attention
-
-        return list(triton_attention.attention_maps(features, float(p), mean))
-    forward, _ = compiled_ops()
+    ops = torch.ops.gansparse
+    forward = ops.attention_maps_triton if backend == "triton" else ops.attention_maps
     return list(forward(features, float(p), mean))
+
+
+@_dispatch.trace_time_constant
+def _backend(device: torch.device, impl: str | None) -> str:
+    """The backend for tensors on `device`, with its ops registered."""
+    backend = _dispatch.select("attention_maps", device, impl)
+    if backend == "triton":
+        from ..kernels import attention  # noqa: F401  (registers gansparse::attention_maps_triton)
+    elif backend != "ref":
+        compiled_ops()
+    return backend
 
 
 def attention_map(
