@@ -185,9 +185,6 @@ CONVS = [
     ("3x3-depthwise", 8, 8, (7, 7), dict(kernel=3, padding=1, groups=8)),
     ("transposed-3x3", 8, 6, (5, 5), dict(kernel=3, stride=2, padding=1, output_padding=1, transposed=True)),
     ("transposed-4x4", 8, 6, (5, 5), dict(kernel=4, stride=2, padding=1, transposed=True)),
-    # Enough channels that the cpu backend runs the conv in channels_last.
-    ("3x3-wide", 16, 24, (6, 7), dict(kernel=3, padding=1)),
-    ("transposed-wide", 24, 16, (4, 5), dict(kernel=3, stride=2, padding=1, output_padding=1, transposed=True)),
 ]
 
 

@@ -286,26 +286,11 @@ def masked_conv_norm_act(
             x, weight, bias, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
             momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope, **conv_args,
         )
-    conv_input = x
-    if backend == "cpu" and _nhwc_conv_is_faster(x, out_channels, groups):
-        conv_input = x.contiguous(memory_format=torch.channels_last)
-    y = conv_ref(conv_input, weight, bias, **conv_args)
-    out = norm_mask_act(
+    y = conv_ref(x, weight, bias, **conv_args)
+    return norm_mask_act(
         y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training, momentum=momentum,
         eps=eps, activation=activation, negative_slope=negative_slope, impl=backend,
     )
-    # The output has the layout the conv of x itself would have given it.
-    return out if conv_input is x else out.contiguous()
-
-
-def _nhwc_conv_is_faster(x: torch.Tensor, out_channels: int, groups: int) -> bool:
-    """Whether the cpu backend should run the conv of a non-channels_last x in channels_last:
-    oneDNN's NHWC convolutions beat its NCHW ones by 1.3-3x when every group has many channels
-    (the generator layers of benchmarks/conv_norm_act.py), but not for depthwise or few-channel
-    convs. The two layout copies cost one memory pass each."""
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    return x.shape[1] // groups >= 16 and out_channels // groups >= 16
 
 
 def masked_conv_cbn_relu(x, weight, bias, mask, gamma, beta, running_mean=None, running_var=None, **kwargs):
