@@ -312,8 +312,9 @@ Launch2d elementwise_launch(const Shape& s) {
   return {dim3(grid_x, grid_y), dim3(x, y)};
 }
 
+// y and out may be the same tensor (the in-place op): no __restrict__.
 template <Activation A, typename scalar_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out, Shape s,
+__global__ void forward_kernel(const scalar_t* y, scalar_t* out, Shape s,
                                Epilogue<acc_type<scalar_t>> e, acc_type<scalar_t> slope) {
   using acc_t = acc_type<scalar_t>;
   for_each_element(

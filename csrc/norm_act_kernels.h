@@ -48,9 +48,10 @@ struct ParamGrads {
   bool any() const { return mask != nullptr || gamma != nullptr || beta != nullptr; }
 };
 
-// Forward: out = act(mask * (gamma * (y - mean) * invstd + beta)). For Stats::kBatch and
-// kInstance the kernel computes mean and invstd into mean_out and invstd_out ([C], [N, C]) and
-// ignores e.mean, e.invstd; for kGiven it reads e.mean, e.invstd [C]; for kNone it reads none.
+// Forward: out = act(mask * (gamma * (y - mean) * invstd + beta)); out may be y. For
+// Stats::kBatch and kInstance the kernel computes mean and invstd into mean_out and invstd_out
+// ([C], [N, C]) and ignores e.mean, e.invstd; for kGiven it reads e.mean, e.invstd [C]; for kNone
+// it reads none.
 template <typename scalar_t>
 void forward_cpu(const scalar_t* y, scalar_t* out, Shape shape, Epilogue<scalar_t> e, Stats stats,
                  scalar_t* mean_out, scalar_t* invstd_out, double eps, Activation activation,

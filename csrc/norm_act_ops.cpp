@@ -178,15 +178,16 @@ T* pointer_or_null(at::Tensor& t) {
 
 // --- the ops, for any device ---------------------------------------------------------------
 
-// launch(call, out, mean_out, invstd_out): out in the compute dtype and the call's layout;
-// mean_out, invstd_out in the accumulate dtype, defined when the statistics are computed.
+// Writes the epilogue of y into out (a new tensor, or y itself for the in-place op) and returns
+// (mean, invstd). launch(call, out, mean_out, invstd_out) gets out in the compute dtype and the
+// call's layout, and mean_out, invstd_out in the accumulate dtype, defined when the statistics are
+// computed.
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& y, const OptionalTensor& mask,
-                                                       const OptionalTensor& gamma, const OptionalTensor& beta,
-                                                       const OptionalTensor& mean, const OptionalTensor& invstd,
-                                                       c10::string_view stats_name, double eps,
-                                                       c10::string_view activation_name, double negative_slope,
-                                                       bool widen, Launch launch) {
+std::tuple<at::Tensor, at::Tensor> forward(at::Tensor& out, const at::Tensor& y, const OptionalTensor& mask,
+                                           const OptionalTensor& gamma, const OptionalTensor& beta,
+                                           const OptionalTensor& mean, const OptionalTensor& invstd,
+                                           c10::string_view stats_name, double eps, c10::string_view activation_name,
+                                           double negative_slope, bool widen, Launch launch) {
   check_feature(y, "y");
   const Stats stats = parse_stats(stats_name);
   const Activation activation = parse_activation(activation_name);
@@ -204,7 +205,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& y, cons
   }
   TORCH_CHECK(std::isfinite(negative_slope), "negative_slope must be finite, got ", negative_slope);
 
-  at::Tensor out = at::empty_like(y);
   const bool channels_last = runs_channels_last(out);
   Call call = make_call(y, channels_last, widen, mask, gamma, beta, stats, activation, eps, negative_slope);
   const auto acc = acc_dtype(call.y);
@@ -220,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& y, cons
   at::Tensor buffer = kernel_output(out, call.y.scalar_type(), channels_last);
   launch(call, buffer, mean_out, invstd_out);
   copy_back(out, buffer);
-  if (!computes_stats(stats)) return {out, at::empty({0}, y.options()), at::empty({0}, y.options())};
-  return {out, mean_out.to(y.scalar_type()), invstd_out.to(y.scalar_type())};
+  if (!computes_stats(stats)) return {at::empty({0}, y.options()), at::empty({0}, y.options())};
+  return {mean_out.to(y.scalar_type()), invstd_out.to(y.scalar_type())};
 }
 
 // launch(call, grad_y, grad_mask, grad_gamma, grad_beta): grad_y in the compute dtype and the
@@ -279,19 +279,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
 // --- CPU -----------------------------------------------------------------------------------
 
+void launch_forward_cpu(const Call& call, at::Tensor& out, at::Tensor& mean_out, at::Tensor& invstd_out) {
+  AT_DISPATCH_FLOATING_TYPES(call.y.scalar_type(), "norm_mask_act_cpu", [&] {
+    forward_cpu<scalar_t>(call.y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), call.shape,
+                          epilogue_of<scalar_t>(call), call.stats, pointer_or_null<scalar_t>(mean_out),
+                          pointer_or_null<scalar_t>(invstd_out), call.eps, call.activation, call.negative_slope,
+                          at::get_num_threads());
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_mask_act_cpu(
     const at::Tensor& y, const OptionalTensor& mask, const OptionalTensor& gamma, const OptionalTensor& beta,
     const OptionalTensor& mean, const OptionalTensor& invstd, c10::string_view stats, double eps,
     c10::string_view activation, double negative_slope) {
-  return forward(y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope, /*widen=*/true,
-                 [](const Call& call, at::Tensor& out, at::Tensor& mean_out, at::Tensor& invstd_out) {
-                   AT_DISPATCH_FLOATING_TYPES(call.y.scalar_type(), "norm_mask_act_cpu", [&] {
-                     forward_cpu<scalar_t>(call.y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                           call.shape, epilogue_of<scalar_t>(call), call.stats,
-                                           pointer_or_null<scalar_t>(mean_out), pointer_or_null<scalar_t>(invstd_out),
-                                           call.eps, call.activation, call.negative_slope, at::get_num_threads());
-                   });
-                 });
+  at::Tensor out = at::empty_like(y);
+  auto [mean_out, invstd_out] = forward(out, y, mask, gamma, beta, mean, invstd, stats, eps, activation,
+                                        negative_slope, /*widen=*/true, launch_forward_cpu);
+  return {out, mean_out, invstd_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_mask_act_inplace_cpu(
+    at::Tensor& y, const OptionalTensor& mask, const OptionalTensor& gamma, const OptionalTensor& beta,
+    const OptionalTensor& mean, const OptionalTensor& invstd, c10::string_view stats, double eps,
+    c10::string_view activation, double negative_slope) {
+  return forward(y, y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope, /*widen=*/true,
+                 launch_forward_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_mask_act_backward_cpu(
@@ -345,24 +357,36 @@ at::Tensor workspace(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
+void launch_forward_cuda(const Call& call, at::Tensor& out, at::Tensor& mean_out, at::Tensor& invstd_out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.y.scalar_type(), "norm_mask_act_cuda", [&] {
+    using kernel_t = typename CudaType<scalar_t>::type;
+    using acc_t = acc_type<kernel_t>;
+    at::Tensor scratch = workspace(call.y, forward_workspace_bytes_cuda(call.shape, call.stats, sizeof(acc_t)));
+    C10_CUDA_CHECK(forward_cuda<kernel_t>(
+        cuda_ptr<scalar_t>(call.y), cuda_mutable_ptr<scalar_t>(out), call.shape, epilogue_of<acc_t>(call),
+        call.stats, pointer_or_null<acc_t>(mean_out), pointer_or_null<acc_t>(invstd_out), call.eps,
+        call.activation, call.negative_slope, scratch.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_mask_act_cuda(
     const at::Tensor& y, const OptionalTensor& mask, const OptionalTensor& gamma, const OptionalTensor& beta,
     const OptionalTensor& mean, const OptionalTensor& invstd, c10::string_view stats, double eps,
     c10::string_view activation, double negative_slope) {
   const c10::cuda::CUDAGuard guard(y.device());
-  return forward(
-      y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope, /*widen=*/false,
-      [](const Call& call, at::Tensor& out, at::Tensor& mean_out, at::Tensor& invstd_out) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.y.scalar_type(), "norm_mask_act_cuda", [&] {
-          using kernel_t = typename CudaType<scalar_t>::type;
-          using acc_t = acc_type<kernel_t>;
-          at::Tensor scratch = workspace(call.y, forward_workspace_bytes_cuda(call.shape, call.stats, sizeof(acc_t)));
-          C10_CUDA_CHECK(forward_cuda<kernel_t>(
-              cuda_ptr<scalar_t>(call.y), cuda_mutable_ptr<scalar_t>(out), call.shape, epilogue_of<acc_t>(call),
-              call.stats, pointer_or_null<acc_t>(mean_out), pointer_or_null<acc_t>(invstd_out), call.eps,
-              call.activation, call.negative_slope, scratch.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-        });
-      });
+  at::Tensor out = at::empty_like(y);
+  auto [mean_out, invstd_out] = forward(out, y, mask, gamma, beta, mean, invstd, stats, eps, activation,
+                                        negative_slope, /*widen=*/false, launch_forward_cuda);
+  return {out, mean_out, invstd_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_mask_act_inplace_cuda(
+    at::Tensor& y, const OptionalTensor& mask, const OptionalTensor& gamma, const OptionalTensor& beta,
+    const OptionalTensor& mean, const OptionalTensor& invstd, c10::string_view stats, double eps,
+    c10::string_view activation, double negative_slope) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return forward(y, y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope, /*widen=*/false,
+                 launch_forward_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_mask_act_backward_cuda(
@@ -397,6 +421,10 @@ TORCH_LIBRARY_FRAGMENT(gansparse, m) {
   m.def(
       "norm_mask_act(Tensor y, Tensor? mask, Tensor? gamma, Tensor? beta, Tensor? mean, Tensor? invstd, "
       "str stats, float eps, str activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // The same, written over y: masked_conv_norm_act uses it when nothing needs a gradient.
+  m.def(
+      "norm_mask_act_(Tensor(a!) y, Tensor? mask, Tensor? gamma, Tensor? beta, Tensor? mean, Tensor? invstd, "
+      "str stats, float eps, str activation, float negative_slope) -> (Tensor, Tensor)");
   m.def(
       "norm_mask_act_backward(Tensor grad_out, Tensor y, Tensor? mask, Tensor? gamma, Tensor? beta, "
       "Tensor mean, Tensor invstd, str stats, str activation, float negative_slope, bool[4] output_mask) -> "
@@ -405,12 +433,14 @@ TORCH_LIBRARY_FRAGMENT(gansparse, m) {
 
 TORCH_LIBRARY_IMPL(gansparse, CPU, m) {
   m.impl("norm_mask_act", &norm_mask_act_cpu);
+  m.impl("norm_mask_act_", &norm_mask_act_inplace_cpu);
   m.impl("norm_mask_act_backward", &norm_mask_act_backward_cpu);
 }
 
 #if defined(GS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(gansparse, CUDA, m) {
   m.impl("norm_mask_act", &norm_mask_act_cuda);
+  m.impl("norm_mask_act_", &norm_mask_act_inplace_cuda);
   m.impl("norm_mask_act_backward", &norm_mask_act_backward_cuda);
 }
 #endif

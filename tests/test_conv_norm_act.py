@@ -232,16 +232,68 @@ def test_masked_conv_norm_act_matches_ref(conv, norm_case, channels_last, dtype)
         assert_close(actual, expected, dtype)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("norm_case", ["batch-train", "batch-eval", "instance", "none"])
+@pytest.mark.parametrize("conv", CONVS, ids=[c[0] for c in CONVS])
+def test_inference_matches_ref(conv, norm_case, channels_last):
+    """Without autograd the epilogue writes over the conv output (norm_mask_act_)."""
+    _, in_channels, out_channels, size, conv_args = conv
+    norm, training, with_running = NORMS[norm_case]
+    generator = torch.Generator().manual_seed(11)
+    x, weight, bias = conv_inputs(in_channels, out_channels, size, n=2, dtype=torch.float32, generator=generator,
+                                  **conv_args)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask, gamma, beta = epilogue_params(2, out_channels, "per-sample", True, torch.float32, generator)
+    running = running_stats(out_channels, torch.float32, generator) if with_running else (None, None)
+    options = {key: value for key, value in conv_args.items() if key != "kernel"}
+    options.update(norm=norm, training=training, activation="relu")
+    results = {}
+    for impl in ("cpu", "ref"):
+        stats = [None if t is None else t.clone() for t in running]
+        with torch.no_grad():
+            results[impl] = GF.masked_conv_norm_act(x, weight, bias, mask, gamma, beta, *stats, impl=impl, **options), stats
+    (out, stats), (ref_out, ref_stats) = results["cpu"], results["ref"]
+    assert_close(out, ref_out, torch.float32)
+    for actual, expected in zip(stats, ref_stats):
+        assert_close(actual, expected, torch.float32)
+
+
+def test_frozen_conv_with_learnable_mask_gets_mask_gradients():
+    """A mask search with frozen weights: only the mask needs a gradient, through the epilogue."""
+    generator = torch.Generator().manual_seed(12)
+    x, weight, bias = conv_inputs(4, 6, (5, 5), 3, n=2, dtype=torch.float64, generator=generator)
+    grads = {}
+    for impl in ("cpu", "ref"):
+        mask = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(13)).requires_grad_()
+        GF.masked_conv_norm_act(x, weight, bias, mask, padding=1, impl=impl).sum().backward()
+        grads[impl] = mask.grad
+    assert_close(grads["cpu"], grads["ref"], torch.float64)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_overwrites_the_conv_output_only():
+    x, weight = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    with torch.no_grad(), RecordOps() as recorded:
+        GF.masked_conv_norm_act(x, weight, None, torch.rand(4), padding=1, impl="cpu")
+    assert "gansparse::norm_mask_act_" in recorded.names
+    y = torch.randn(2, 4, 6, 6)
+    y_before = y.clone()
+    with torch.no_grad():
+        GF.norm_mask_act(y, impl="cpu")
+    assert torch.equal(y, y_before)  # norm_mask_act never writes over its input
+
+
 def test_cpu_backend_runs_the_compiled_epilogue():
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     weight = torch.randn(4, 3, 3, 3)
     with RecordOps() as recorded:
@@ -313,8 +365,9 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_opcheck(case):
+def test_opcheck(case, inplace):
     options = OPCHECK_CASES[case]
     stats = options["stats"]
     generator = torch.Generator().manual_seed(9)
@@ -326,9 +379,13 @@ def test_opcheck(case):
     if not options.get("params", True):
         gamma = beta = None
     mean, invstd = (torch.randn(3), torch.rand(3) + 0.5) if stats == "given" else (None, None)
+    args = (mean, invstd, stats, 1e-5, "leaky_relu", 0.2)
+    if inplace:  # no autograd: the in-place op serves inference only
+        torch.library.opcheck(torch.ops.gansparse.norm_mask_act_.default, (y, mask, gamma, beta, *args))
+        return
     leaves = [None if t is None else t.requires_grad_() for t in (y, mask, gamma, beta)]
     forward, _ = compiled_ops()
-    torch.library.opcheck(forward.default, (*leaves, mean, invstd, stats, 1e-5, "leaky_relu", 0.2))
+    torch.library.opcheck(forward.default, (*leaves, *args))
 
 
 def test_cuda_kernels_are_registered_when_built_with_cuda():
@@ -486,13 +543,17 @@ def check_outputs_are_valid(outputs, y):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_fuzz_forward_op(data):
+def test_fuzz_forward_ops(data):
     y = data.draw(fuzz_feature())
     mask, gamma, beta, mean, invstd = (data.draw(optional_param(y)) for _ in range(5))
     stats = data.draw(st.sampled_from(STATS))
     activation = data.draw(st.sampled_from(ACTIVATION_NAMES))
     eps, slope = data.draw(FLOATS), data.draw(FLOATS)
+    inplace = data.draw(st.booleans())
     try:
+        if inplace:
+            torch.ops.gansparse.norm_mask_act_(y, mask, gamma, beta, mean, invstd, stats, eps, activation, slope)
+            return
         outputs = _op(y, mask, gamma, beta, mean, invstd, stats, eps, activation, slope)
     except (RuntimeError, ValueError, TypeError):
         return

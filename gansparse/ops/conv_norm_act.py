@@ -22,8 +22,12 @@ The epilogue op family, shared by the compiled and Triton backends:
            invstd passed in ([C], batch norm in eval) and returns empty tensors; 'none' does not
            normalise and returns empty tensors. invstd = 1 / sqrt(biased var + eps).
     activation: 'relu', 'leaky_relu' or 'none'.
+    out has y's layout, as torch.empty_like(y) gives it; mean and invstd have y's dtype.
     norm_mask_act_backward(grad_out, y, mask?, gamma?, beta?, mean, invstd, stats, activation,
         negative_slope, output_mask[4]) -> (grad_y, grad_mask, grad_gamma, grad_beta)
+        Gradients output_mask does not ask for are empty tensors.
+The compiled backends also have norm_mask_act_(y, ...) -> (mean, invstd), which writes the output
+over y; masked_conv_norm_act uses it for the conv output when nothing needs a gradient.
 """
 from __future__ import annotations
 
@@ -66,13 +70,18 @@ def _backward_through(backward_op):
     return backward
 
 
+def _fake_statistics(y, stats):
+    """The (mean, invstd) an epilogue op returns."""
+    n, c = y.shape[0], y.shape[1]
+    shape = {"batch": (c,), "instance": (n, c)}.get(stats, (0,))
+    return y.new_empty(shape), y.new_empty(shape)
+
+
 def register_epilogue(forward_name: str, backward_op) -> None:
     """Fake kernel and autograd of an epilogue op with the norm_mask_act schema."""
 
     def fake(y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope):
-        n, c = y.shape[0], y.shape[1]
-        shape = {"batch": (c,), "instance": (n, c)}.get(stats, (0,))
-        return torch.empty_like(y), y.new_empty(shape), y.new_empty(shape)
+        return torch.empty_like(y), *_fake_statistics(y, stats)
 
     torch.library.register_fake(forward_name)(fake)
     torch.library.register_autograd(forward_name, _backward_through(backward_op), setup_context=_setup_context)
@@ -80,11 +89,14 @@ def register_epilogue(forward_name: str, backward_op) -> None:
 
 @functools.cache
 def compiled_ops():
-    """torch.ops.gansparse.norm_mask_act{,_backward} with fake kernels and autograd registered,
-    or None without the compiled extension."""
-    if _ext.extension() is None or not hasattr(torch.ops.gansparse, "norm_mask_act"):
+    """torch.ops.gansparse.norm_mask_act{,_backward} with fake kernels and autograd registered
+    (and the fake kernel of norm_mask_act_), or None without the compiled extension."""
+    if _ext.extension() is None or not hasattr(torch.ops.gansparse, "norm_mask_act_"):
         return None
     ops = torch.ops.gansparse
+
+    def fake_inplace(y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope):
+        return _fake_statistics(y, stats)
 
     def fake_backward(grad_out, y, mask, gamma, beta, mean, invstd, stats, activation, negative_slope, output_mask):
         # Gradients not asked for in output_mask are empty tensors.
@@ -93,6 +105,7 @@ def compiled_ops():
 
         return tuple(like(t, wanted) for t, wanted in zip((y, mask, gamma, beta), output_mask))
 
+    torch.library.register_fake("gansparse::norm_mask_act_")(fake_inplace)
     torch.library.register_fake("gansparse::norm_mask_act_backward")(fake_backward)
     register_epilogue("gansparse::norm_mask_act", ops.norm_mask_act_backward)
     return ops.norm_mask_act, ops.norm_mask_act_backward
@@ -101,7 +114,7 @@ def compiled_ops():
 @_dispatch.trace_time_constant
 def _backend(op: str, device: torch.device, impl: str | None) -> str:
     """The backend that runs `op` for tensors on `device`, with its ops registered."""
-    backend = _dispatch.select(op, device, impl, compiled_op="norm_mask_act")
+    backend = _dispatch.select(op, device, impl, compiled_op="norm_mask_act_")  # the newest compiled op
     if backend == "triton":
         from ..kernels import conv_norm_act  # noqa: F401  (registers the Triton ops)
     elif backend != "ref":
@@ -201,21 +214,30 @@ def norm_mask_act(
     """
     _check_epilogue_args(y, mask, gamma, beta, running_mean, running_var, norm, training, momentum, eps, activation)
     backend = _backend("norm_mask_act", y.device, impl)
+    return _epilogue(backend, y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
+                     momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope)
+
+
+def _epilogue(backend, y, mask, gamma, beta, running_mean, running_var, *, norm, training, momentum, eps,
+              activation, negative_slope, overwrite=False):
+    """norm_mask_act of checked arguments on `backend`. With `overwrite`, a compiled backend writes
+    the output over y, which the caller owns and which nothing needs a gradient through."""
     if backend == "ref":
         return norm_mask_act_ref(
             y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
             momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope,
         )
+    stats, mean, invstd = _stats_mode(norm, training, running_mean, running_var, eps)
+    args = (mask, gamma, beta, mean, invstd, stats, float(eps), activation or "none", float(negative_slope))
     if backend == "triton":
         from ..kernels import conv_norm_act as triton_kernels
 
-        forward = triton_kernels.norm_mask_act
+        out, batch_mean, batch_invstd = triton_kernels.norm_mask_act(y, *args)
+    elif overwrite:
+        out = y
+        batch_mean, batch_invstd = torch.ops.gansparse.norm_mask_act_(y, *args)
     else:
-        forward = torch.ops.gansparse.norm_mask_act
-    stats, mean, invstd = _stats_mode(norm, training, running_mean, running_var, eps)
-    out, batch_mean, batch_invstd = forward(
-        y, mask, gamma, beta, mean, invstd, stats, float(eps), activation or "none", float(negative_slope)
-    )
+        out, batch_mean, batch_invstd = torch.ops.gansparse.norm_mask_act(y, *args)
     if stats == "batch" and running_mean is not None:
         _update_running_stats(running_mean, running_var, batch_mean, batch_invstd, eps, momentum, y.numel() // y.shape[1])
     return out
@@ -287,10 +309,13 @@ def masked_conv_norm_act(
             momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope, **conv_args,
         )
     y = conv_ref(x, weight, bias, **conv_args)
-    return norm_mask_act(
-        y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training, momentum=momentum,
-        eps=eps, activation=activation, negative_slope=negative_slope, impl=backend,
-    )
+    _check_epilogue_args(y, mask, gamma, beta, running_mean, running_var, norm, training, momentum, eps, activation)
+    # y is this call's own temporary: when nothing needs a gradient (inference), the epilogue
+    # writes over it instead of allocating the output.
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, mask, gamma, beta))
+    return _epilogue(backend, y, mask, gamma, beta, running_mean, running_var, norm=norm, training=training,
+                     momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope,
+                     overwrite=not needs_grad)
 
 
 def masked_conv_cbn_relu(x, weight, bias, mask, gamma, beta, running_mean=None, running_var=None, **kwargs):
