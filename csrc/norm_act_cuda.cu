@@ -308,7 +308,8 @@ Launch2d elementwise_launch(const Shape& s) {
   const int64_t x = std::min<int64_t>(kThreads, ceil_div(cols, kLanes) * kLanes);
   const int64_t y = kThreads / x;
   const int64_t grid_x = std::min<int64_t>(ceil_div(cols, x), kMaxElementwiseBlocks);
-  const int64_t grid_y = std::min<int64_t>({ceil_div(rows, y), std::max<int64_t>(1, kMaxElementwiseBlocks / grid_x), 65535});
+  const int64_t grid_y =
+      std::min<int64_t>({ceil_div(rows, y), std::max<int64_t>(1, kMaxElementwiseBlocks / grid_x), 65535});
   return {dim3(grid_x, grid_y), dim3(x, y)};
 }
 

@@ -197,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor> forward(at::Tensor& out, const at::Tensor& y,
     check_statistic(*mean, "mean", y, stats);
     check_statistic(*invstd, "invstd", y, stats);
   } else {
-    TORCH_CHECK(!mean.has_value() && !invstd.has_value(), "mean and invstd are only read with stats='given', got stats='",
-                stats_name, "'");
+    TORCH_CHECK(!mean.has_value() && !invstd.has_value(),
+                "mean and invstd are only read with stats='given', got stats='", stats_name, "'");
   }
   if (computes_stats(stats)) {
     TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got ", eps);

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -113,8 +112,11 @@ def layouts(shape, dtype, generator):
     }
 
 
+LAYOUTS = ["nchw", "channels_last", "sliced", "transposed", "sliced-channels_last", "expanded"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "transposed", "sliced-channels_last", "expanded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9), (4, 3, 1, 1), (2, 40, 6, 6), (1, 2, 33, 65)], ids=str)
 @pytest.mark.parametrize("norm_case", ["batch-train", "batch-eval", "instance", "none"])
 def test_epilogue_layouts_match_ref(norm_case, shape, layout, dtype):
@@ -252,7 +254,8 @@ def test_inference_matches_ref(conv, norm_case, channels_last):
     for impl in ("cpu", "ref"):
         stats = [None if t is None else t.clone() for t in running]
         with torch.no_grad():
-            results[impl] = GF.masked_conv_norm_act(x, weight, bias, mask, gamma, beta, *stats, impl=impl, **options), stats
+            out = GF.masked_conv_norm_act(x, weight, bias, mask, gamma, beta, *stats, impl=impl, **options)
+        results[impl] = out, stats
     (out, stats), (ref_out, ref_stats) = results["cpu"], results["ref"]
     assert_close(out, ref_out, torch.float32)
     for actual, expected in zip(stats, ref_stats):
@@ -429,7 +432,8 @@ BAD_FUNCTIONAL_CALLS = [
     (lambda: GF.norm_mask_act(_y(), eps=0.0), ValueError, "eps must be a positive number"),
     (lambda: GF.norm_mask_act(torch.randn(1, 3, 1, 1)), ValueError, "more than one value per channel"),
     (lambda: GF.norm_mask_act(_y(), impl="gpu"), ValueError, "impl must be one of"),
-    (lambda: GF.masked_conv_norm_act(_y(), torch.randn(4, 2, 3, 3)), ValueError, "x has 3 channels but weight expects 2"),
+    (lambda: GF.masked_conv_norm_act(_y(), torch.randn(4, 2, 3, 3)), ValueError,
+     "x has 3 channels but weight expects 2"),
     (lambda: GF.masked_conv_norm_act(_y(), torch.randn(4, 3, 3, 3), torch.ones(5)), ValueError,
      "bias must have 4 channels"),
     (lambda: GF.masked_conv_norm_act(_y(), torch.randn(4, 3, 3, 3), None, torch.ones(3)), ValueError,
@@ -457,17 +461,20 @@ def _backward_op(*args):
 
 BAD_OP_CALLS = [
     (lambda: _op(torch.randn(3, 4, 4), None, None, None, None, None, "batch", 1e-5, "relu", 0.0), "y must be a 4-D"),
-    (lambda: _op(torch.zeros(2, 3, 0, 4), None, None, None, None, None, "batch", 1e-5, "relu", 0.0), "y must not be empty"),
+    (lambda: _op(torch.zeros(2, 3, 0, 4), None, None, None, None, None, "batch", 1e-5, "relu", 0.0),
+     "y must not be empty"),
     (lambda: _op(torch.ones(2, 3, 4, 4, dtype=torch.int32), None, None, None, None, None, "batch", 1e-5, "relu", 0.0),
      "y must be a floating-point"),
-    (lambda: _op(_y(), torch.ones(2, 3), None, None, None, None, "batch", 1e-5, "relu", 0.0), r"mask must have shape \[C\]"),
+    (lambda: _op(_y(), torch.ones(2, 3), None, None, None, None, "batch", 1e-5, "relu", 0.0),
+     r"mask must have shape \[C\]"),
     (lambda: _op(_y(), None, torch.ones(3, 2), None, None, None, "batch", 1e-5, "relu", 0.0), "gamma must have shape"),
     (lambda: _op(_y(), None, None, torch.ones(4), None, None, "batch", 1e-5, "relu", 0.0), "beta must have shape"),
     (lambda: _op(_y(), torch.ones(3, dtype=torch.int64), None, None, None, None, "batch", 1e-5, "relu", 0.0),
      "mask must be a floating-point"),
     (lambda: _op(_y(), None, None, None, None, None, "layer", 1e-5, "relu", 0.0), "stats must be one of"),
     (lambda: _op(_y(), None, None, None, None, None, "batch", 1e-5, "tanh", 0.0), "activation must be one of"),
-    (lambda: _op(_y(), None, None, None, None, None, "given", 1e-5, "relu", 0.0), "stats='given' needs both mean and invstd"),
+    (lambda: _op(_y(), None, None, None, None, None, "given", 1e-5, "relu", 0.0),
+     "stats='given' needs both mean and invstd"),
     (lambda: _op(_y(), None, None, None, torch.ones(3), torch.ones(3), "batch", 1e-5, "relu", 0.0),
      "mean and invstd are only read with stats='given'"),
     (lambda: _op(_y(), None, None, None, torch.ones(4), torch.ones(3), "given", 1e-5, "relu", 0.0),
