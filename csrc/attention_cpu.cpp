@@ -4,8 +4,6 @@
 // writes its gradient once. The per-task loops are compiled twice, for AVX2+FMA and for the
 // baseline x86-64 instruction set, and the CPU picks one at run time, so the library never
 // executes an instruction the machine lacks. The thread team is OpenMP, sized by the caller.
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +17,7 @@
 
 #include "attention_kernels.h"
 #include "attention_math.h"
+#include "cpu_parallel.h"
 
 namespace gansparse {
 namespace attention {
@@ -38,9 +37,6 @@ constexpr int64_t kMaxBlock = 16384 / sizeof(T);
 // the backward is a quarter faster. On 4 MB ones it is not, and a gradient that fits in the
 // cache is better left there, where autograd reads it next.
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
-
-// The instruction set a copy of a kernel is compiled for; kernels that need not know ignore it.
-enum class Isa { baseline, avx2 };
 
 template <typename T>
 struct Args {
@@ -180,65 +176,6 @@ GS_INLINE void backward_nhwc(const Args<T>& a, int64_t begin, int64_t end) {
   fence_streaming<isa>(a.streaming);
 }
 
-template <typename T>
-using RangeFn = void (*)(const Args<T>&, int64_t, int64_t);
-
-// One copy of a range function per instruction set. OpenMP stays outside them, so the
-// outlined parallel regions need no target attribute of their own.
-#define GS_ISA_VARIANTS(kernel)                                                        \
-  template <int P, typename T>                                                         \
-  __attribute__((target("avx2,fma"))) void kernel##_avx2(const Args<T>& a, int64_t b, \
-                                                         int64_t e) {                  \
-    kernel<P, T, Isa::avx2>(a, b, e);                                                  \
-  }                                                                                    \
-  template <int P, typename T>                                                         \
-  void kernel##_default(const Args<T>& a, int64_t b, int64_t e) {                      \
-    kernel<P, T, Isa::baseline>(a, b, e);                                              \
-  }
-
-#if defined(__x86_64__)
-GS_ISA_VARIANTS(forward_nchw)
-GS_ISA_VARIANTS(forward_nhwc)
-GS_ISA_VARIANTS(backward_nchw)
-GS_ISA_VARIANTS(backward_nhwc)
-#define GS_PICK(kernel, P, T) (use_avx2() ? kernel##_avx2<P, T> : kernel##_default<P, T>)
-#else
-#define GS_PICK(kernel, P, T) (kernel<P, T, Isa::baseline>)
-#endif
-
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool enabled = [] {
-    const char* isa = std::getenv("GANSPARSE_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return enabled;
-#else
-  return false;
-#endif
-}
-
-// Splits [0, tasks) into one contiguous range per thread.
-template <typename T>
-void parallel_ranges(RangeFn<T> fn, const Args<T>& a, int64_t tasks, int num_threads) {
-  if (tasks <= 0) return;
-  if (num_threads <= 1 || tasks == 1 || omp_in_parallel()) {
-    fn(a, 0, tasks);
-    return;
-  }
-  const int team = static_cast<int>(std::min<int64_t>(num_threads, tasks));
-#pragma omp parallel num_threads(team)
-  {
-    const int64_t nt = omp_get_num_threads();
-    const int64_t chunk = (tasks + nt - 1) / nt;
-    const int64_t begin = omp_get_thread_num() * chunk;
-    const int64_t end = std::min(tasks, begin + chunk);
-    if (begin < end) fn(a, begin, end);
-  }
-}
-
 // Pixel block of the NCHW forward: as large as L1 allows, yet small enough that every thread
 // gets at least two tasks.
 template <typename T>
@@ -252,46 +189,52 @@ int64_t forward_block(const FeatureShape& s, int num_threads) {
 
 }  // namespace
 
-const char* cpu_isa() { return use_avx2() ? "avx2" : "default"; }
-
 template <typename scalar_t>
-void maps_forward_cpu(const scalar_t* f, scalar_t* maps, FeatureShape shape, float p, float scale,
+void maps_forward_cpu(const scalar_t* f, scalar_t* maps, FeatureShape shape, double p, double scale,
                       int num_threads) {
   Args<scalar_t> a{f, nullptr, maps, shape, scalar_t(p), scalar_t(scale), 0, false};
   dispatch_exponent(p, [&](auto exponent) {
     constexpr int P = decltype(exponent)::value;
     if (shape.channels_last) {
-      parallel_ranges(GS_PICK(forward_nhwc, P, scalar_t), a, shape.n * shape.hw, num_threads);
+      parallel_for(shape.n * shape.hw, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+        forward_nhwc<P, scalar_t, decltype(isa)::value>(a, begin, end);
+      });
     } else {
       a.block = forward_block<scalar_t>(shape, num_threads);
       const int64_t tasks = shape.n * ((shape.hw + a.block - 1) / a.block);
-      parallel_ranges(GS_PICK(forward_nchw, P, scalar_t), a, tasks, num_threads);
+      parallel_for(tasks, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+        forward_nchw<P, scalar_t, decltype(isa)::value>(a, begin, end);
+      });
     }
   });
 }
 
 template <typename scalar_t>
 void maps_backward_cpu(const scalar_t* grad_maps, const scalar_t* f, scalar_t* grad_f,
-                       FeatureShape shape, float p, float scale, int num_threads) {
+                       FeatureShape shape, double p, double scale, int num_threads) {
   const int64_t grad_bytes = shape.n * shape.c * shape.hw * int64_t(sizeof(scalar_t));
   const bool streaming = grad_bytes >= kStreamingBytes;
   const Args<scalar_t> a{f, grad_maps, grad_f, shape, scalar_t(p), scalar_t(scale), 0, streaming};
   dispatch_exponent(p, [&](auto exponent) {
     constexpr int P = decltype(exponent)::value;
     if (shape.channels_last) {
-      parallel_ranges(GS_PICK(backward_nhwc, P, scalar_t), a, shape.n * shape.hw, num_threads);
+      parallel_for(shape.n * shape.hw, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+        backward_nhwc<P, scalar_t, decltype(isa)::value>(a, begin, end);
+      });
     } else {
-      parallel_ranges(GS_PICK(backward_nchw, P, scalar_t), a, shape.n * shape.c, num_threads);
+      parallel_for(shape.n * shape.c, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+        backward_nchw<P, scalar_t, decltype(isa)::value>(a, begin, end);
+      });
     }
   });
 }
 
-template void maps_forward_cpu<float>(const float*, float*, FeatureShape, float, float, int);
-template void maps_forward_cpu<double>(const double*, double*, FeatureShape, float, float, int);
-template void maps_backward_cpu<float>(const float*, const float*, float*, FeatureShape, float,
-                                       float, int);
+template void maps_forward_cpu<float>(const float*, float*, FeatureShape, double, double, int);
+template void maps_forward_cpu<double>(const double*, double*, FeatureShape, double, double, int);
+template void maps_backward_cpu<float>(const float*, const float*, float*, FeatureShape, double,
+                                       double, int);
 template void maps_backward_cpu<double>(const double*, const double*, double*, FeatureShape,
-                                        float, float, int);
+                                        double, double, int);
 
 }  // namespace attention
 }  // namespace gansparse

@@ -13,38 +13,13 @@
 #include <cstdint>
 
 #include "attention_kernels.h"
+#include "cuda_convert.cuh"
 #include "attention_math.h"
 
 namespace gansparse {
 namespace attention {
 namespace {
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename Acc<T>::type x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 constexpr int kPixels = 64;    // NCHW forward: pixels per block
 constexpr int kSlices = 4;     // NCHW forward: channel slices per block
@@ -53,41 +28,41 @@ constexpr int kThreads = 256;  // backward
 
 template <int P, typename T>
 __global__ void forward_nchw_kernel(const T* __restrict__ f, T* __restrict__ maps, FeatureShape s,
-                                    float p, float scale) {
-  using acc_t = typename Acc<T>::type;
+                                    acc_type<T> p, acc_type<T> scale) {
+  using acc_t = acc_type<T>;
   __shared__ acc_t partial[kSlices][kPixels];
   const int64_t n = blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   acc_t acc = 0;
   if (i < s.hw) {
     const T* px = f + n * s.c * s.hw + i;
-    for (int64_t c = threadIdx.y; c < s.c; c += kSlices) acc += pow_abs<P>(to_acc(px[c * s.hw]), acc_t(p));
+    for (int64_t c = threadIdx.y; c < s.c; c += kSlices) acc += pow_abs<P>(to_acc(px[c * s.hw]), p);
   }
   partial[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && i < s.hw) {
     for (int r = 1; r < kSlices; ++r) acc += partial[r][threadIdx.x];
-    maps[n * s.hw + i] = from_acc<T>(acc * acc_t(scale));
+    maps[n * s.hw + i] = from_acc<T>(acc * scale);
   }
 }
 
 template <int P, typename T>
 __global__ void forward_nhwc_kernel(const T* __restrict__ f, T* __restrict__ maps, FeatureShape s,
-                                    float p, float scale) {
-  using acc_t = typename Acc<T>::type;
+                                    acc_type<T> p, acc_type<T> scale) {
+  using acc_t = acc_type<T>;
   const int64_t pixel = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.y;
   if (pixel >= s.n * s.hw) return;  // uniform across the warp
   const T* px = f + pixel * s.c;
   acc_t acc = 0;
-  for (int64_t c = threadIdx.x; c < s.c; c += 32) acc += pow_abs<P>(to_acc(px[c]), acc_t(p));
+  for (int64_t c = threadIdx.x; c < s.c; c += 32) acc += pow_abs<P>(to_acc(px[c]), p);
   for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-  if (threadIdx.x == 0) maps[pixel] = from_acc<T>(acc * acc_t(scale));
+  if (threadIdx.x == 0) maps[pixel] = from_acc<T>(acc * scale);
 }
 
 template <int P, typename T>
 __global__ void backward_kernel(const T* __restrict__ grad_maps, const T* __restrict__ f,
-                                T* __restrict__ grad_f, FeatureShape s, float p, float scale) {
-  using acc_t = typename Acc<T>::type;
+                                T* __restrict__ grad_f, FeatureShape s, acc_type<T> p, acc_type<T> scale) {
+  using acc_t = acc_type<T>;
   const int64_t total = s.n * s.c * s.hw;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -95,8 +70,8 @@ __global__ void backward_kernel(const T* __restrict__ grad_maps, const T* __rest
     // Index of this element's pixel in the [N, HW] map.
     const int64_t pixel =
         s.channels_last ? idx / s.c : (idx / (s.c * s.hw)) * s.hw + idx % s.hw;
-    const acc_t g = to_acc(grad_maps[pixel]) * acc_t(scale);
-    grad_f[idx] = from_acc<T>(g * pow_abs_grad<P>(to_acc(f[idx]), acc_t(p)));
+    const acc_t g = to_acc(grad_maps[pixel]) * scale;
+    grad_f[idx] = from_acc<T>(g * pow_abs_grad<P>(to_acc(f[idx]), p));
   }
 }
 
@@ -105,7 +80,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 template <typename scalar_t>
-cudaError_t maps_forward_cuda(const scalar_t* f, scalar_t* maps, FeatureShape s, float p, float scale,
+cudaError_t maps_forward_cuda(const scalar_t* f, scalar_t* maps, FeatureShape s, double p, double scale,
                        cudaStream_t stream) {
   dispatch_exponent(p, [&](auto exponent) {
     constexpr int P = decltype(exponent)::value;
@@ -124,7 +99,7 @@ cudaError_t maps_forward_cuda(const scalar_t* f, scalar_t* maps, FeatureShape s,
 
 template <typename scalar_t>
 cudaError_t maps_backward_cuda(const scalar_t* grad_maps, const scalar_t* f, scalar_t* grad_f,
-                        FeatureShape s, float p, float scale, cudaStream_t stream) {
+                        FeatureShape s, double p, double scale, cudaStream_t stream) {
   // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
   const int64_t blocks = std::min<int64_t>(ceil_div(s.n * s.c * s.hw, kThreads), 65535);
   dispatch_exponent(p, [&](auto exponent) {
@@ -135,9 +110,9 @@ cudaError_t maps_backward_cuda(const scalar_t* grad_maps, const scalar_t* f, sca
 }
 
 #define GS_INSTANTIATE(T)                                                                       \
-  template cudaError_t maps_forward_cuda<T>(const T*, T*, FeatureShape, float, float,          \
+  template cudaError_t maps_forward_cuda<T>(const T*, T*, FeatureShape, double, double,        \
                                             cudaStream_t);                                     \
-  template cudaError_t maps_backward_cuda<T>(const T*, const T*, T*, FeatureShape, float, float, \
+  template cudaError_t maps_backward_cuda<T>(const T*, const T*, T*, FeatureShape, double, double, \
                                              cudaStream_t);
 GS_INSTANTIATE(float)
 GS_INSTANTIATE(double)

@@ -24,26 +24,23 @@ struct FeatureShape {
 
 // maps[n, i] = scale * sum_c |f[n, c, i]|^p.
 template <typename scalar_t>
-void maps_forward_cpu(const scalar_t* f, scalar_t* maps, FeatureShape shape, float p, float scale,
+void maps_forward_cpu(const scalar_t* f, scalar_t* maps, FeatureShape shape, double p, double scale,
                       int num_threads);
 
 // grad_f[n, c, i] = grad_maps[n, i] * scale * d|f[n, c, i]|^p / df.
 template <typename scalar_t>
 void maps_backward_cpu(const scalar_t* grad_maps, const scalar_t* f, scalar_t* grad_f,
-                       FeatureShape shape, float p, float scale, int num_threads);
-
-// The instruction set the CPU kernels run with: "avx2" (AVX2 + FMA) or "default".
-const char* cpu_isa();
+                       FeatureShape shape, double p, double scale, int num_threads);
 
 #if defined(GS_WITH_CUDA)
 // The CUDA launchers return the launch status; they do not synchronise.
 template <typename scalar_t>
-cudaError_t maps_forward_cuda(const scalar_t* f, scalar_t* maps, FeatureShape shape, float p, float scale,
+cudaError_t maps_forward_cuda(const scalar_t* f, scalar_t* maps, FeatureShape shape, double p, double scale,
                        cudaStream_t stream);
 
 template <typename scalar_t>
 cudaError_t maps_backward_cuda(const scalar_t* grad_maps, const scalar_t* f, scalar_t* grad_f,
-                        FeatureShape shape, float p, float scale, cudaStream_t stream);
+                        FeatureShape shape, double p, double scale, cudaStream_t stream);
 #endif
 
 }  // namespace attention

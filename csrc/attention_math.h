@@ -9,7 +9,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "macros.h"
+#include "common.h"
 
 namespace gansparse {
 namespace attention {
@@ -53,12 +53,12 @@ using Exponent = std::integral_constant<int, P>;
 
 // Calls fn(Exponent<P>{}) with the compile-time exponent for p (0 for any other p).
 template <typename Fn>
-inline void dispatch_exponent(float p, Fn&& fn) {
-  if (p == 1.0f) {
+inline void dispatch_exponent(double p, Fn&& fn) {
+  if (p == 1.0) {
     fn(Exponent<1>{});
-  } else if (p == 2.0f) {
+  } else if (p == 2.0) {
     fn(Exponent<2>{});
-  } else if (p == 4.0f) {
+  } else if (p == 4.0) {
     fn(Exponent<4>{});
   } else {
     fn(Exponent<0>{});

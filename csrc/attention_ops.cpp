@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "cuda_glue.h"
 #endif
 
 #include "attention_kernels.h"
@@ -93,8 +95,8 @@ std::vector<at::Tensor> maps_forward(at::TensorList features, double p, bool mea
     bool channels_last = false;
     const at::Tensor f = dense(widen ? cpu_compute_dtype(input) : input, &channels_last);
     at::Tensor out = at::empty({f.size(0), f.size(2), f.size(3)}, f.options());
-    const float scale = mean ? 1.0f / static_cast<float>(f.size(1)) : 1.0f;
-    launch(f, out, shape_of(f, channels_last), static_cast<float>(p), scale);
+    const double scale = mean ? 1.0 / static_cast<double>(f.size(1)) : 1.0;
+    launch(f, out, shape_of(f, channels_last), p, scale);
     maps.push_back(out.scalar_type() == input.scalar_type() ? out : out.to(input.scalar_type()));
   }
   return maps;
@@ -122,8 +124,8 @@ std::vector<at::Tensor> maps_backward(at::TensorList grads, at::TensorList featu
     const at::Tensor g = grads[i].to(f.scalar_type()).contiguous();
     at::Tensor grad_f = at::empty_like(
         f, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-    const float scale = mean ? 1.0f / static_cast<float>(f.size(1)) : 1.0f;
-    launch(g, f, grad_f, shape_of(f, channels_last), static_cast<float>(p), scale);
+    const double scale = mean ? 1.0 / static_cast<double>(f.size(1)) : 1.0;
+    launch(g, f, grad_f, shape_of(f, channels_last), p, scale);
     result.push_back(grad_f.scalar_type() == input.scalar_type() ? grad_f
                                                                   : grad_f.to(input.scalar_type()));
   }
@@ -132,7 +134,7 @@ std::vector<at::Tensor> maps_backward(at::TensorList grads, at::TensorList featu
 
 std::vector<at::Tensor> maps_cpu(at::TensorList features, double p, bool mean) {
   return maps_forward(features, p, mean, /*widen=*/true,
-                      [](const at::Tensor& f, at::Tensor& out, FeatureShape s, float p, float scale) {
+                      [](const at::Tensor& f, at::Tensor& out, FeatureShape s, double p, double scale) {
                         AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_maps_cpu", [&] {
                           maps_forward_cpu<scalar_t>(f.const_data_ptr<scalar_t>(),
                                                      out.mutable_data_ptr<scalar_t>(), s, p, scale,
@@ -145,8 +147,8 @@ std::vector<at::Tensor> maps_backward_cpu_op(at::TensorList grads, at::TensorLis
                                              bool mean) {
   return maps_backward(
       grads, features, p, mean, /*widen=*/true,
-      [](const at::Tensor& g, const at::Tensor& f, at::Tensor& grad_f, FeatureShape s, float p,
-         float scale) {
+      [](const at::Tensor& g, const at::Tensor& f, at::Tensor& grad_f, FeatureShape s, double p,
+         double scale) {
         advise_huge_pages(grad_f);
         AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "attention_maps_backward_cpu", [&] {
           maps_backward_cpu<scalar_t>(g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
@@ -157,33 +159,10 @@ std::vector<at::Tensor> maps_backward_cpu_op(at::TensorList grads, at::TensorLis
 }
 
 #if defined(GS_WITH_CUDA)
-// at:: scalar types to the CUDA types the kernels are instantiated for.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-auto cuda_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaType<T>::type*>(t.const_data_ptr<T>());
-}
-template <typename T>
-auto cuda_mutable_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename CudaType<T>::type*>(t.mutable_data_ptr<T>());
-}
-
 std::vector<at::Tensor> maps_cuda(at::TensorList features, double p, bool mean) {
   return maps_forward(
       features, p, mean, /*widen=*/false,
-      [](const at::Tensor& f, at::Tensor& out, FeatureShape s, float p, float scale) {
+      [](const at::Tensor& f, at::Tensor& out, FeatureShape s, double p, double scale) {
         const c10::cuda::CUDAGuard guard(f.device());
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(),
                                         "attention_maps_cuda", [&] {
@@ -199,8 +178,8 @@ std::vector<at::Tensor> maps_backward_cuda_op(at::TensorList grads, at::TensorLi
                                               double p, bool mean) {
   return maps_backward(
       grads, features, p, mean, /*widen=*/false,
-      [](const at::Tensor& g, const at::Tensor& f, at::Tensor& grad_f, FeatureShape s, float p,
-         float scale) {
+      [](const at::Tensor& g, const at::Tensor& f, at::Tensor& grad_f, FeatureShape s, double p,
+         double scale) {
         const c10::cuda::CUDAGuard guard(f.device());
         AT_DISPATCH_FLOATING_TYPES_AND2(
             at::kHalf, at::kBFloat16, f.scalar_type(), "attention_maps_backward_cuda", [&] {

@@ -2,7 +2,7 @@
 // the other translation units; the module itself only reports how it was built.
 #include <Python.h>
 
-#include "attention_kernels.h"
+#include "cpu_parallel.h"
 
 // torch's build tools define TORCH_EXTENSION_NAME: _C from setup.py, another name for a JIT build.
 #define GS_CONCAT_(a, b) a##b
@@ -26,7 +26,7 @@ PyMODINIT_FUNC GS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)() {
   const long with_cuda = 0;
 #endif
   if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
-      PyModule_AddStringConstant(module, "cpu_isa", gansparse::attention::cpu_isa()) < 0) {
+      PyModule_AddStringConstant(module, "cpu_isa", gansparse::cpu_isa()) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

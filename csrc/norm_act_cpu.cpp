@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#include "attention_kernels.h"  // cpu_isa(): the instruction set every CPU kernel runs with
+#include "cpu_parallel.h"
 #include "norm_act_kernels.h"
 
 namespace gansparse {
@@ -30,8 +30,6 @@ namespace norm_act {
 namespace {
 
 #define GS_INLINE inline __attribute__((always_inline))
-// Loop bodies are lambdas inlined into one function per instruction set (see parallel_for).
-#define GS_INLINE_LAMBDA __attribute__((always_inline))
 
 // NCHW: values of a row per statistics chunk (8 KB of floats).
 constexpr int64_t kRowChunk = 2048;
@@ -40,45 +38,6 @@ constexpr int64_t kTileValues = 4096;
 // NHWC: a column reduction is split into at least this many pixel ranges, so that the split,
 // and with it the rounding of the result, is the same for any thread count up to kMinRanges / 2.
 constexpr int64_t kMinRanges = 8;
-
-bool use_avx2() { return std::strcmp(attention::cpu_isa(), "avx2") == 0; }
-
-template <typename Body>
-void run_default(const Body& body, int64_t begin, int64_t end) {
-  body(begin, end);
-}
-
-#if defined(__x86_64__)
-template <typename Body>
-__attribute__((target("avx2,fma"))) void run_avx2(const Body& body, int64_t begin, int64_t end) {
-  body(begin, end);
-}
-#endif
-
-// Runs body(begin, end) over [0, tasks), one contiguous range per thread, with the loops
-// compiled for the instruction set the CPU has. OpenMP stays outside the per-ISA functions, so
-// the outlined parallel region needs no target attribute of its own.
-template <typename Body>
-void parallel_for(int64_t tasks, int num_threads, const Body& body) {
-  if (tasks <= 0) return;
-  void (*run)(const Body&, int64_t, int64_t) = run_default<Body>;
-#if defined(__x86_64__)
-  if (use_avx2()) run = run_avx2<Body>;
-#endif
-  if (num_threads <= 1 || tasks == 1 || omp_in_parallel()) {
-    run(body, 0, tasks);
-    return;
-  }
-  const int team = static_cast<int>(std::min<int64_t>(num_threads, tasks));
-#pragma omp parallel num_threads(team)
-  {
-    const int64_t threads = omp_get_num_threads();
-    const int64_t chunk = (tasks + threads - 1) / threads;
-    const int64_t begin = omp_get_thread_num() * chunk;
-    const int64_t end = std::min(tasks, begin + chunk);
-    if (begin < end) run(body, begin, end);
-  }
-}
 
 template <typename T>
 struct Problem {
@@ -174,7 +133,7 @@ void nhwc_statistics(const Problem<T>& p, T* mean_out, T* invstd_out, double eps
   const int64_t tile = tile_pixels(s);
   const int64_t ranges = ranges_per_group(groups, group_pixels, tile, num_threads);
   std::vector<Moments<double>> partial(groups * ranges * s.c, Moments<double>{0, 0, 0});  // [G, R, C]
-  parallel_for(groups * ranges, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+  parallel_for(groups * ranges, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
     const int64_t C = s.c;
     std::vector<T> buffers(3 * C);
     T* shift = buffers.data();
@@ -287,7 +246,7 @@ template <Activation A, typename T>
 void forward_nchw(const Problem<T>& p, T* mean_out, T* invstd_out, double eps, int num_threads) {
   const Shape s = p.s;
   const int64_t per_group = samples_per_group(s, p.stats);
-  parallel_for(s.n / per_group * s.c, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+  parallel_for(s.n / per_group * s.c, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
     const int64_t HW = s.hw;
     const T slope = p.slope;
     for (int64_t task = begin; task < end; ++task) {
@@ -314,7 +273,7 @@ template <Activation A, typename T>
 void forward_nhwc(const Problem<T>& p, int num_threads) {
   const Shape s = p.s;
   const CoefTable<T> table(p.e, s);
-  parallel_for(s.n * s.hw, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+  parallel_for(s.n * s.hw, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
     const int64_t C = s.c;
     const T slope = p.slope;
     for (int64_t pixel = begin; pixel < end; ++pixel) {
@@ -357,7 +316,7 @@ std::vector<GradSums<T>> nhwc_grad_sums(const Problem<T>& p, const CoefTable<T>&
   const int64_t tile = tile_pixels(s);
   const int64_t ranges = ranges_per_group(s.n, s.hw, tile, num_threads);
   std::vector<GradSums<double>> partial(s.n * ranges * s.c, GradSums<double>{0, 0});  // [N, R, C]
-  parallel_for(s.n * ranges, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+  parallel_for(s.n * ranges, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
     const int64_t C = s.c;
     std::vector<T> buffers(2 * C);
     T* g = buffers.data();
@@ -423,7 +382,7 @@ void backward_nchw(const Problem<T>& p, const ParamGrads<T>& grads, int num_thre
   const bool with_sums = needs_sums(p.stats, grads.any());
   std::vector<GradSums<T>> sums(with_sums ? s.n * s.c : 0);  // [N, C]
   const int64_t per_group = samples_per_group(s, p.stats);
-  parallel_for(s.n / per_group * s.c, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+  parallel_for(s.n / per_group * s.c, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
     const int64_t HW = s.hw;
     const T slope = p.slope;
     for (int64_t task = begin; task < end; ++task) {
@@ -466,7 +425,7 @@ void backward_nhwc(const Problem<T>& p, const ParamGrads<T>& grads, int num_thre
       const GradSums<T> mean_dxhat = group_mean_dxhat(p, sums, r);
       for (int64_t n = r.n0; n < r.n1; ++n) grad_table.set(n, r.c, input_grad_coef(p.e, p.stats, mean_dxhat, n, r.c));
     }
-    parallel_for(s.n * s.hw, num_threads, [&](int64_t begin, int64_t end) GS_INLINE_LAMBDA {
+    parallel_for(s.n * s.hw, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
       const int64_t C = s.c;
       const T slope = p.slope;
       for (int64_t pixel = begin; pixel < end; ++pixel) {

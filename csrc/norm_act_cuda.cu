@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_convert.cuh"
 #include "norm_act_kernels.h"
 #include "norm_act_math.h"
 
@@ -36,24 +37,6 @@ constexpr int64_t kTargetBlocks = 1024;  // NHWC reductions: enough blocks to fi
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
 constexpr int64_t kMaxElementwiseBlocks = 8192;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_type<T> x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
-  return __float2half(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -3,6 +3,8 @@
 // adapts them to at::Tensor. The math is in norm_act_math.h.
 #pragma once
 
+#include "common.h"
+
 #include <cstddef>
 #include <cstdint>
 
@@ -25,17 +27,6 @@ struct Shape {
   bool channels_last;
 };
 
-// The type statistics, parameters and reductions are computed in: float, or double for double.
-template <typename scalar_t>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_type = typename AccOf<scalar_t>::type;
 
 // Where the backward writes the parameter gradients, shaped like mask [C], gamma and beta
 // ([C] or [N, C]). A null pointer is a gradient not asked for.

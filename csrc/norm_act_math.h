@@ -23,7 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "macros.h"
+#include "common.h"
 
 namespace gansparse {
 namespace norm_act {

@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "cuda_glue.h"
 #endif
 
 #include "norm_act_kernels.h"
@@ -329,30 +331,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_mask_act_backwar
 // --- CUDA ----------------------------------------------------------------------------------
 
 #if defined(GS_WITH_CUDA)
-// at:: scalar types to the CUDA types the kernels are instantiated for.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-auto cuda_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaType<T>::type*>(t.const_data_ptr<T>());
-}
-
-template <typename T>
-auto cuda_mutable_ptr(at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename CudaType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
-}
-
 at::Tensor workspace(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }

@@ -44,14 +44,6 @@ REDUCES = ["mean", "sum"]
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-12}
 
 
-def rtol(impl: str, dtype: torch.dtype) -> float:
-    if impl in ("cpu", "cuda") and dtype == torch.float64:
-        # The C++ kernels take p and the 1/C of a channel mean as float32, so their float64
-        # results are only float32-accurate (test_compiled_float64_is_float64_accurate).
-        return 2e-6
-    return RTOL[dtype]
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
     finite = expected[expected.isfinite()]
     scale = finite.abs().max().item() if finite.numel() else 0.0
@@ -107,7 +99,7 @@ def assert_backend_matches_ref(call, inputs, impl, tol=None):
     expected_grads = torch.autograd.grad(expected, inputs, upstream)
     actual = as_list(call(impl))
     actual_grads = torch.autograd.grad(actual, inputs, upstream)
-    tol = rtol(impl, inputs[0].dtype) if tol is None else tol
+    tol = RTOL[inputs[0].dtype] if tol is None else tol
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         assert_close(a, e, tol)
@@ -283,7 +275,7 @@ def test_maps_of_unused_layers_get_zero_gradient(impl):
     maps = GF.attention_maps([used, unused], impl=impl)
     grad_used, grad_unused = torch.autograd.grad(maps[0].sum(), [used, unused], allow_unused=True)
     (expected,) = torch.autograd.grad(GF.attention_maps(used, impl="ref")[0].sum(), used)
-    assert_close(grad_used, expected, rtol(impl, used.dtype))
+    assert_close(grad_used, expected, RTOL[used.dtype])
     assert grad_unused is None or not grad_unused.any()
 
 
@@ -378,8 +370,6 @@ def test_no_gradient_flows_to_teachers(impl):
     assert all(g is None for g in grads[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="the C++ kernels take p and the channel-mean scale 1/C as "
-                   "float32 (attention_kernels.h), so float64 maps are only float32-accurate")
 @pytest.mark.parametrize("impl", backends("cpu", "cuda"))
 def test_compiled_float64_is_float64_accurate(impl):
     f = make_feature((2, 3, 5, 5), dtype=torch.float64, device=DEVICE[impl])
@@ -634,7 +624,7 @@ def test_fuzz_maps_op(features, p, mean):
     expected = attention_maps_ref([f.double() for f in features], p, mean)
     for m, e, f in zip(maps, expected, features, strict=True):
         assert m.dtype == f.dtype and m.shape == e.shape
-        assert_close(m.double(), e.to(f.dtype).double(), rtol("cpu", f.dtype))
+        assert_close(m.double(), e.to(f.dtype).double(), RTOL[f.dtype])
 
 
 @st.composite
@@ -668,4 +658,4 @@ def test_fuzz_maps_backward_op(args, p, mean):
         leaf = f.double().requires_grad_()
         (expected,) = torch.autograd.grad(attention_maps_ref([leaf], p, mean), [leaf], [g.double()])
         assert r.dtype == f.dtype and r.shape == f.shape
-        assert_close(r.double(), expected.to(f.dtype).double(), rtol("cpu", f.dtype))
+        assert_close(r.double(), expected.to(f.dtype).double(), RTOL[f.dtype])
