@@ -65,7 +65,7 @@ def _running_stats_arguments(bn: nn.Module) -> dict:
     )
 
 
-def _norm_arguments(norm: nn.Module | None, y: torch.Tensor | None, batch: int) -> dict:
+def norm_arguments(norm: nn.Module | None, y: torch.Tensor | None, batch: int) -> dict:
     """The norm keyword arguments of the op for a norm module (or None)."""
     if norm is None:
         return dict(norm="none")
@@ -243,7 +243,7 @@ class ConditionalBatchNorm2d(nn.Module):
             raise ValueError(f"x must be a 4-dim tensor [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"x has {x.shape[1]} channels but the norm has num_features={self.num_features}")
-        args = _norm_arguments(self, y, x.shape[0])
+        args = norm_arguments(self, y, x.shape[0])
         return GF.norm_mask_act(x, activation=None, impl=self.impl, **args)
 
     def extra_repr(self) -> str:
@@ -352,7 +352,7 @@ class MaskedConvNormAct(nn.Module):
         x, conv_args = _conv_arguments(self.conv, x)
         mask = self.mask() if self.mask is not None else None
         return GF.masked_conv_norm_act(
-            x, self.conv.weight, self.conv.bias, mask, **_norm_arguments(self.norm, y, x.shape[0]), **conv_args,
+            x, self.conv.weight, self.conv.bias, mask, **norm_arguments(self.norm, y, x.shape[0]), **conv_args,
             activation=self.activation, negative_slope=self.negative_slope, impl=self.impl,
         )
 

@@ -246,7 +246,7 @@ class DMADMask(Mask):
             raise ValueError(f"bound must be >= 0, got {bound}")
         self.bound.fill_(bound)
         # The mirror holds the buffer's rounded value, so a reloaded checkpoint computes the same masks.
-        self._bound = float(torch.tensor(bound, dtype=self.bound.dtype))
+        self._bound = float(torch.tensor(bound, dtype=self.bound.dtype, device="cpu"))
         return self
 
     def _trainable_values(self) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gansparse import functional as GF
-from gansparse.layers import _norm_arguments
+from gansparse.layers import norm_arguments
 from gansparse.masks import as_mask
 
 
@@ -21,7 +21,7 @@ class _MaskAfterNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self if isinstance(self, nn.modules.batchnorm._NormBase) else None
-        return GF.norm_mask_act(x, self.mask(), **_norm_arguments(norm, None, x.shape[0]), activation=None,
+        return GF.norm_mask_act(x, self.mask(), **norm_arguments(norm, None, x.shape[0]), activation=None,
                                 impl=self.impl)
 
 

@@ -296,3 +296,11 @@ def test_default_temperature_spans_the_dmad_range():
         mask.logits.copy_(torch.tensor([-edge, edge]))
     assert torch.allclose(mask.values(), torch.tensor([0.005, 0.995]))
     assert edge == pytest.approx(1.06, abs=0.01)
+
+
+def test_dmad_mask_builds_on_the_meta_device():
+    # Profiling builds full-size models on meta, where the bound's mirror must still be readable.
+    with torch.device("meta"):
+        mask = DMADMask(8, bound=0.5)
+    assert mask.p.device.type == "meta"
+    assert mask._bound == 0.5
