@@ -599,3 +599,18 @@ def test_fuzz_functional_api(data):
                          impl="cpu")
     except (RuntimeError, ValueError, TypeError):
         return
+
+
+def test_fake_kernels_reject_mixed_devices():
+    # A meta input sends a call to the fake kernel, which must check like the C++ kernel rather
+    # than return uninitialised memory for the real tensors.
+    forward, backward = compiled_ops()
+    y = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        forward(y, torch.ones(3, device="meta"), None, None, None, None, "batch", 1e-5, "relu", 0.2)
+    with pytest.raises(ValueError, match="stats must be one of"):
+        forward(y.to("meta"), None, None, None, None, None, "bogus", 1e-5, "relu", 0.2)
+    with pytest.raises(ValueError, match="grad_out must match y"):
+        backward(torch.randn(2, 3, 4, 4, device="meta"), y.to("meta")[:1], None, None, None,
+                 torch.zeros(3, device="meta"), torch.ones(3, device="meta"), "batch", "relu", 0.2,
+                 [True, False, False, False])

@@ -70,6 +70,35 @@ def _backward_through(backward_op):
     return backward
 
 
+STATS = ("batch", "instance", "given", "none")
+OP_ACTIVATIONS = ("relu", "leaky_relu", "none")
+
+
+def _check_op_args(y, mask, gamma, beta, stats, activation, statistics=()) -> None:
+    """What the compiled epilogue ops check, for their fake kernels: those also run for real
+    tensors whenever one input is on the meta device, where a silent result would be garbage."""
+    if y.dim() != 4 or not y.is_floating_point() or y.numel() == 0:
+        raise ValueError(f"y must be a non-empty floating-point [N, C, H, W] tensor, got {y.dtype} {tuple(y.shape)}")
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+    if activation not in OP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {OP_ACTIVATIONS}, got {activation!r}")
+    c = y.shape[1]
+    for name, t in (("mask", mask), ("gamma", gamma), ("beta", beta), *statistics):
+        if t is None:
+            continue
+        if t.device != y.device:
+            raise ValueError(f"{name} is on {t.device} but y is on {y.device}")
+        if t.dim() not in (1, 2) or t.shape[-1] != c:
+            raise ValueError(f"{name} must have {c} channels in its last dim, got shape {tuple(t.shape)}")
+
+
+def _check_forward_args(y, mask, gamma, beta, mean, invstd, stats, activation) -> None:
+    if stats == "given" and (mean is None or invstd is None):
+        raise ValueError("stats='given' needs mean and invstd")
+    _check_op_args(y, mask, gamma, beta, stats, activation, statistics=(("mean", mean), ("invstd", invstd)))
+
+
 def _fake_statistics(y, stats):
     """The (mean, invstd) an epilogue op returns."""
     n, c = y.shape[0], y.shape[1]
@@ -81,6 +110,7 @@ def register_epilogue(forward_name: str, backward_op) -> None:
     """Fake kernel and autograd of an epilogue op with the norm_mask_act schema."""
 
     def fake(y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope):
+        _check_forward_args(y, mask, gamma, beta, mean, invstd, stats, activation)
         return torch.empty_like(y), *_fake_statistics(y, stats)
 
     torch.library.register_fake(forward_name)(fake)
@@ -96,9 +126,16 @@ def compiled_ops():
     ops = torch.ops.gansparse
 
     def fake_inplace(y, mask, gamma, beta, mean, invstd, stats, eps, activation, negative_slope):
+        _check_forward_args(y, mask, gamma, beta, mean, invstd, stats, activation)
         return _fake_statistics(y, stats)
 
     def fake_backward(grad_out, y, mask, gamma, beta, mean, invstd, stats, activation, negative_slope, output_mask):
+        # Without normalisation the saved statistics are empty tensors.
+        statistics = (("mean", mean), ("invstd", invstd)) if stats != "none" else ()
+        _check_op_args(y, mask, gamma, beta, stats, activation, statistics)
+        if grad_out.shape != y.shape or grad_out.device != y.device:
+            raise ValueError(f"grad_out must match y ({tuple(y.shape)} on {y.device}), "
+                             f"got {tuple(grad_out.shape)} on {grad_out.device}")
         # Gradients not asked for in output_mask are empty tensors.
         def like(t, wanted):
             return torch.empty_like(t) if wanted and t is not None else y.new_empty((0,))
