@@ -6,7 +6,8 @@ from .pix2pix import (
     ResnetGenerator,
     UnetGenerator,
     load_reference_state_dict,
+    residual_mask_groups,
 )
 
 __all__ = ["NLayerDiscriminator", "PixelDiscriminator", "ResnetGenerator", "UnetGenerator",
-           "load_reference_state_dict"]
+           "load_reference_state_dict", "residual_mask_groups"]

@@ -28,7 +28,7 @@ NORMS = ("batch", "instance", "none")
 PADDING_TYPES = ("reflect", "replicate", "zero")
 
 __all__ = ["NLayerDiscriminator", "PixelDiscriminator", "ResnetBlock", "ResnetGenerator", "UnetGenerator",
-           "UnetSkipConnectionBlock", "load_reference_state_dict"]
+           "UnetSkipConnectionBlock", "load_reference_state_dict", "residual_mask_groups"]
 
 
 def _check_options(norm: str, mask: str | None = None) -> None:
@@ -111,6 +111,23 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def residual_mask_groups(model: nn.Module) -> list[list[Mask]]:
+    """The masks on the residual stream of a masked ResnetGenerator, as one group (DMAD Eq. 6): the
+    mask of the layer that feeds the stream (the last downsampling conv's) and the mask after each
+    residual block's last conv. Channel t of the stream can only go when it is zero in all of them.
+    [] for a model without residual blocks or without masks."""
+    if not isinstance(model, ResnetGenerator):
+        return []
+    layers = list(model.model)
+    blocks = [i for i, layer in enumerate(layers) if isinstance(layer, ResnetBlock)]
+    if not blocks:
+        return []
+    # The layers before the first block end with [conv, norm + mask, ReLU]: the feeder's mask sits at -2.
+    members = [layers[blocks[0] - 2]] + [layers[i].conv_block[-1] for i in blocks]
+    masks = [getattr(member, "mask", None) for member in members]
+    return [masks] if all(isinstance(mask, Mask) for mask in masks) else []
 
 
 # --- U-Net generator (pix2pix) ---------------------------------------------------------------
