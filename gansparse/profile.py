@@ -19,8 +19,10 @@ What counts, as torchprofile 0.1.0 counts it (so the published figures come out)
 How: operations are counted as they run (a TorchFunctionMode), and forward hooks attribute them
 to the innermost module running. gansparse's fused layers run their work in compiled ops that
 cannot be seen that way, so they are counted from their modules instead, as their unfused
-equivalent: conv + affine norm (a mask is not a MAC). Works on the 'meta' device: nothing is
-computed, and the full-size models profile in milliseconds.
+equivalent: conv + affine norm (a mask is not a MAC). A module with a method
+`profile_macs(x, out) -> (output_side, input_side)` counts itself the same way (StyleGAN2's
+modulated conv, a grouped conv with per-sample weights, does). Works on the 'meta' device: nothing
+is computed, and the full-size models profile in milliseconds.
 
 Masks: a row's `macs` is the layer as it is (dense). `macs_effective` counts only the channels
 that survive pruning (Mask.keep()): input channels kept by the mask of the layer that produced the
@@ -122,14 +124,17 @@ def _einsum_macs(args) -> int:
 
 
 def _is_fused(module: nn.Module) -> bool:
-    """Layers whose work runs in ops the function mode cannot see: gansparse's layers and any
-    module applying a gansparse Mask."""
+    """Layers whose work runs in ops the function mode cannot see: gansparse's layers, any
+    module applying a gansparse Mask, and modules that count themselves (`profile_macs`)."""
     return isinstance(module, (MaskedConv2d, MaskedConvTranspose2d, MaskedConvNormAct, ConditionalBatchNorm2d)) \
-        or isinstance(getattr(module, "mask", None), Mask)
+        or isinstance(getattr(module, "mask", None), Mask) or hasattr(module, "profile_macs")
 
 
 def _fused_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-    """As the unfused equivalent: the conv, then the norm if it has an affine."""
+    """As the unfused equivalent: the conv, then the norm if it has an affine; or as the module
+    counts itself."""
+    if hasattr(module, "profile_macs"):
+        return module.profile_macs(x, out)
     conv = module if isinstance(module, nn.modules.conv._ConvNd) else getattr(module, "conv", None)
     norm = module if isinstance(module, _NORMS + (ConditionalBatchNorm2d,)) else getattr(module, "norm", None)
     output_side = input_side = 0
