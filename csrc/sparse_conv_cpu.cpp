@@ -1,0 +1,326 @@
+// CPU kernel of the direct sparse convolution (declared in sparse_conv_kernels.h), after Park et
+// al., "Faster CNNs with Direct Sparse Convolutions" (ICLR 2017), and XNNPACK's f32 SpMM.
+//
+// Every case reduces to stride-1 correlations over a zero-padded copy of the input:
+//   out[o, y0 + t * step_y, x0 + u * step_x] = act(bias[o] + sum_k w_k * plane[t * pitch + u + offset_k])
+// where the sum runs over output channel o's nonzero weights, each stored with the precomputed
+// offset of the input value it multiplies for output (t, u) = (0, 0).
+// - conv, stride s: the padded input is split into s x s phase planes (plane (a, b) holds the
+//   pixels (s * Y + a, s * X + b)), so a tap reads one plane contiguously along the output row.
+//   One sub-problem, step 1.
+// - transposed conv, stride s: output pixels with the same (y + pad) mod s form an output phase
+//   that only the taps with i * dilation = that residue mod s reach; each phase is a stride-1
+//   correlation of the (undilated) input with those taps, step s. No zero-inserted input is
+//   ever read.
+// - a 1x1 or unpadded stride-1 conv reads the input in place.
+//
+// Inner loop (AVX2): output pixels on the vector lanes, up to 8 vectors (64 pixels) of
+// accumulators held in registers while a channel's nonzeros stream past: per nonzero, one
+// broadcast and one FMA per vector. The block then gets bias + activation and is stored.
+// Parallel tasks are (sample, phase, block of output rows, block of output channels), ordered so
+// that each thread's contiguous share spans all the channels of some rows: the work per thread
+// does not depend on how the nonzeros are spread over the channels, and the input rows a block of
+// output rows reads stay in L2 while every output channel passes over them.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_parallel.h"
+#include "sparse_conv_kernels.h"
+
+namespace gansparse {
+namespace sparse_conv {
+namespace {
+
+constexpr int64_t kLanes = 8;                  // floats per AVX2 vector
+constexpr int64_t kBlockPixels = 8 * kLanes;   // output pixels per register block
+constexpr int64_t kRowsPerTask = 4;
+constexpr int64_t kChannelsPerTask = 64;
+
+struct Nonzero {
+  int32_t offset;  // into the sample's padded input, for output (t, u) = (0, 0)
+  float value;
+};
+
+// One stride-1 correlation: output pixels (y0 + t * step_y, x0 + u * step_x), t < rows, u < cols.
+struct Phase {
+  int64_t rows, cols;
+  int64_t y0, x0;
+  std::vector<int32_t> row_offsets;  // [c_out + 1] into nonzeros
+  std::vector<Nonzero> nonzeros;
+};
+
+// The zero-padded input of one sample: planes [c_in, split_h, split_w] of [plane_h, pitch].
+// Input pixel (c, y, x) is at padded (Y, X) = (y + top, x + left), which lives in plane
+// (c, Y % split_h, X % split_w) at (Y / split_h, X / split_w).
+struct PaddedLayout {
+  int64_t split_h, split_w;
+  int64_t top, left;
+  int64_t plane_h, pitch;
+
+  int64_t plane_size() const { return plane_h * pitch; }
+  int64_t sample_size(int64_t channels) const { return channels * split_h * split_w * plane_size(); }
+  int64_t plane_start(int64_t c, int64_t a, int64_t b) const { return ((c * split_h + a) * split_w + b) * plane_size(); }
+};
+
+struct Plan {
+  bool in_place;  // read x itself: no padding, stride 1
+  PaddedLayout layout;
+  std::vector<Phase> phases;
+};
+
+// The output coordinates of one transposed-conv output phase along one axis: outputs first * s +
+// residue - pad for first <= T <= last, i.e. `count` of them from y0 with step s.
+struct AxisPhase {
+  int64_t first, count, y0;
+};
+
+AxisPhase transposed_axis_phase(int64_t residue, int64_t out_size, int64_t stride, int64_t pad) {
+  const int64_t first = -floor_div(residue - pad, stride);
+  const int64_t last = floor_div(out_size - 1 + pad - residue, stride);
+  return {first, std::max<int64_t>(0, last - first + 1), first * stride + residue - pad};
+}
+
+// Padding of the transposed conv's input on one side, and the padded length: enough for
+// every phase's first output to read its deepest tap, and for the last to read the end.
+void transposed_axis_padding(int64_t in_size, int64_t out_size, int64_t k, int64_t stride, int64_t pad,
+                             int64_t dilation, int64_t* before, int64_t* length) {
+  const int64_t deepest = (k - 1) * dilation / stride;
+  int64_t min_first = 0, max_last = in_size - 1;
+  bool any = false;
+  for (int64_t r = 0; r < stride; ++r) {
+    const AxisPhase p = transposed_axis_phase(r, out_size, stride, pad);
+    if (p.count == 0) continue;
+    min_first = any ? std::min(min_first, p.first) : p.first;
+    max_last = std::max(max_last, p.first + p.count - 1);
+    any = true;
+  }
+  *before = std::max<int64_t>(0, deepest - min_first);
+  *length = *before + max_last + 1;
+}
+
+PaddedLayout padded_layout(const ConvShape& s) {
+  if (!s.transposed) {
+    const int64_t padded_h = s.h + 2 * s.pad_h, padded_w = s.w + 2 * s.pad_w;
+    return {s.stride_h, s.stride_w, s.pad_h, s.pad_w, (padded_h + s.stride_h - 1) / s.stride_h,
+            (padded_w + s.stride_w - 1) / s.stride_w};
+  }
+  PaddedLayout layout{1, 1, 0, 0, 0, 0};
+  transposed_axis_padding(s.h, s.oh, s.kh, s.stride_h, s.pad_h, s.dilation_h, &layout.top, &layout.plane_h);
+  transposed_axis_padding(s.w, s.ow, s.kw, s.stride_w, s.pad_w, s.dilation_w, &layout.left, &layout.pitch);
+  return layout;
+}
+
+Plan make_plan(CsrWeight weight, const ConvShape& s) {
+  Plan plan;
+  plan.layout = padded_layout(s);
+  const PaddedLayout& layout = plan.layout;
+  if (!s.transposed) {
+    plan.in_place = s.pad_h == 0 && s.pad_w == 0 && s.stride_h == 1 && s.stride_w == 1;
+    Phase phase{s.oh, s.ow, 0, 0, std::vector<int32_t>(s.c_out + 1), {}};
+    phase.nonzeros.reserve(weight.row_offsets[s.c_out]);
+    for (int64_t o = 0; o < s.c_out; ++o) {
+      for (int64_t k = weight.row_offsets[o]; k < weight.row_offsets[o + 1]; ++k) {
+        const Tap tap = decode_column(weight.columns[k], s.kh, s.kw);
+        const int64_t dy = tap.i * s.dilation_h, dx = tap.j * s.dilation_w;
+        const int64_t offset = layout.plane_start(tap.c, dy % s.stride_h, dx % s.stride_w) +
+                               dy / s.stride_h * layout.pitch + dx / s.stride_w;
+        phase.nonzeros.push_back({static_cast<int32_t>(offset), weight.values[k]});
+      }
+      phase.row_offsets[o + 1] = static_cast<int32_t>(phase.nonzeros.size());
+    }
+    plan.phases.push_back(std::move(phase));
+    return plan;
+  }
+  plan.in_place = false;
+  for (int64_t ry = 0; ry < s.stride_h; ++ry) {
+    for (int64_t rx = 0; rx < s.stride_w; ++rx) {
+      const AxisPhase py = transposed_axis_phase(ry, s.oh, s.stride_h, s.pad_h);
+      const AxisPhase px = transposed_axis_phase(rx, s.ow, s.stride_w, s.pad_w);
+      if (py.count == 0 || px.count == 0) continue;
+      Phase phase{py.count, px.count, py.y0, px.y0, std::vector<int32_t>(s.c_out + 1), {}};
+      for (int64_t o = 0; o < s.c_out; ++o) {
+        for (int64_t k = weight.row_offsets[o]; k < weight.row_offsets[o + 1]; ++k) {
+          const Tap tap = decode_column(weight.columns[k], s.kh, s.kw);
+          const int64_t dy = tap.i * s.dilation_h, dx = tap.j * s.dilation_w;
+          if (dy % s.stride_h != ry || dx % s.stride_w != rx) continue;
+          // Output T of this phase reads input row T - dy / stride (padded: + top).
+          const int64_t row = py.first - dy / s.stride_h + layout.top;
+          const int64_t col = px.first - dx / s.stride_w + layout.left;
+          const int64_t offset = layout.plane_start(tap.c, 0, 0) + row * layout.pitch + col;
+          phase.nonzeros.push_back({static_cast<int32_t>(offset), weight.values[k]});
+        }
+        phase.row_offsets[o + 1] = static_cast<int32_t>(phase.nonzeros.size());
+      }
+      plan.phases.push_back(std::move(phase));
+    }
+  }
+  return plan;
+}
+
+// Writes the padded (and phase-split) copy of every sample of x into `padded`.
+void pad_input(const float* x, float* padded, const ConvShape& s, const PaddedLayout& layout, int num_threads) {
+  parallel_for(s.n * s.c_in, num_threads, [&](int64_t begin, int64_t end, auto) GS_INLINE_LAMBDA {
+    const int64_t planes_per_channel = layout.split_h * layout.split_w;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / s.c_in, c = task % s.c_in;
+      float* sample = padded + n * layout.sample_size(s.c_in);
+      std::memset(sample + layout.plane_start(c, 0, 0), 0, planes_per_channel * layout.plane_size() * sizeof(float));
+      const float* channel = x + task * s.h * s.w;  // [h, w]
+      for (int64_t y = 0; y < s.h; ++y) {
+        const int64_t Y = y + layout.top;
+        for (int64_t b = 0; b < layout.split_w; ++b) {
+          // Input columns x = X - left with X % split_w == b, X / split_w = first_col + q.
+          const int64_t first_x = ((b - layout.left) % layout.split_w + layout.split_w) % layout.split_w;
+          float* dst = sample + layout.plane_start(c, Y % layout.split_h, b) + Y / layout.split_h * layout.pitch;
+          const float* src = channel + y * s.w;
+          for (int64_t xi = first_x; xi < s.w; xi += layout.split_w) dst[(xi + layout.left) / layout.split_w] = src[xi];
+        }
+      }
+    }
+  });
+}
+
+// --- register blocks -------------------------------------------------------------------------
+
+// acc[0, count) = sum over the nonzeros of value * in[offset + p]; the portable copy, which the
+// compiler vectorises for the baseline instruction set.
+void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
+  std::fill(acc, acc + count, 0.f);
+  for (; nz != end; ++nz) {
+    const float* row = in + nz->offset;
+    const float w = nz->value;
+#pragma omp simd
+    for (int64_t p = 0; p < count; ++p) acc[p] += w * row[p];
+  }
+}
+
+#if defined(__x86_64__)
+#define GS_AVX2 __attribute__((target("avx2,fma")))
+
+// V vectors of accumulators in registers; with kMasked the last vector loads only the lanes
+// `last` selects, so no read passes the end of the output row.
+template <int V, bool kMasked>
+GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, __m256i last, float* acc_out) {
+  __m256 acc[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (; nz != end; ++nz) {
+    const float* row = in + nz->offset;
+    const __m256 w = _mm256_set1_ps(nz->value);
+#pragma GCC unroll 8
+    for (int v = 0; v < V - 1; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + v * kLanes), acc[v]);
+    const float* tail = row + (V - 1) * kLanes;
+    const __m256 x = kMasked ? _mm256_maskload_ps(tail, last) : _mm256_loadu_ps(tail);
+    acc[V - 1] = _mm256_fmadd_ps(w, x, acc[V - 1]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc_out + v * kLanes, acc[v]);
+}
+
+GS_AVX2 void block_avx2_any(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
+  if (count == kBlockPixels) return block_avx2<8, false>(in, nz, end, __m256i{}, acc);
+  const int vectors = static_cast<int>((count + kLanes - 1) / kLanes);
+  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count - (vectors - 1) * kLanes)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  switch (vectors) {
+    case 1: return block_avx2<1, true>(in, nz, end, last, acc);
+    case 2: return block_avx2<2, true>(in, nz, end, last, acc);
+    case 3: return block_avx2<3, true>(in, nz, end, last, acc);
+    case 4: return block_avx2<4, true>(in, nz, end, last, acc);
+    case 5: return block_avx2<5, true>(in, nz, end, last, acc);
+    case 6: return block_avx2<6, true>(in, nz, end, last, acc);
+    case 7: return block_avx2<7, true>(in, nz, end, last, acc);
+    default: return block_avx2<8, true>(in, nz, end, last, acc);
+  }
+}
+#endif
+
+// out[p * step] = act(acc[p] + bias) for p < count.
+template <Activation A>
+GS_INLINE_LAMBDA inline void store_block(const float* acc, int64_t count, float bias, float slope, float* out,
+                                         int64_t step) {
+  if (step == 1) {
+#pragma omp simd
+    for (int64_t p = 0; p < count; ++p) out[p] = activate(acc[p] + bias, A, slope);
+  } else {
+    for (int64_t p = 0; p < count; ++p) out[p * step] = activate(acc[p] + bias, A, slope);
+  }
+}
+
+void store(const float* acc, int64_t count, float bias, Activation activation, float slope, float* out, int64_t step) {
+  switch (activation) {
+    case Activation::kRelu: return store_block<Activation::kRelu>(acc, count, bias, slope, out, step);
+    case Activation::kLeakyRelu: return store_block<Activation::kLeakyRelu>(acc, count, bias, slope, out, step);
+    case Activation::kTanh: return store_block<Activation::kTanh>(acc, count, bias, slope, out, step);
+    default: return store_block<Activation::kNone>(acc, count, bias, slope, out, step);
+  }
+}
+
+}  // namespace
+
+int64_t padded_sample_floats(ConvShape shape) { return padded_layout(shape).sample_size(shape.c_in); }
+
+void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out, ConvShape s,
+                 Activation activation, float negative_slope, int num_threads) {
+  const Plan plan = make_plan(weight, s);
+  // In place, the layout is x's own: one plane [h, w] per channel.
+  const int64_t sample_size = plan.layout.sample_size(s.c_in), pitch = plan.layout.pitch;
+  std::vector<float> padded;
+  const float* input = x;
+  if (!plan.in_place) {
+    padded.resize(s.n * sample_size);
+    pad_input(x, padded.data(), s, plan.layout, num_threads);
+    input = padded.data();
+  }
+  const int64_t step_h = s.transposed ? s.stride_h : 1, step_w = s.transposed ? s.stride_w : 1;
+  const int64_t phases = static_cast<int64_t>(plan.phases.size());
+  int64_t max_rows = 0;
+  for (const Phase& phase : plan.phases) max_rows = std::max(max_rows, phase.rows);
+  const int64_t row_blocks = (max_rows + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t channel_blocks = (s.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
+  const int64_t tasks = s.n * phases * row_blocks * channel_blocks;
+
+  parallel_for(tasks, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+    alignas(32) float acc[kBlockPixels];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t channel_block = task % channel_blocks;
+      const int64_t row_block = task / channel_blocks % row_blocks;
+      const int64_t g = task / (channel_blocks * row_blocks) % phases;
+      const int64_t n = task / (channel_blocks * row_blocks * phases);
+      const Phase& phase = plan.phases[g];
+      const float* sample = input + n * sample_size;
+      const int64_t row_end = std::min(phase.rows, (row_block + 1) * kRowsPerTask);
+      const int64_t o_end = std::min(s.c_out, (channel_block + 1) * kChannelsPerTask);
+      for (int64_t t = row_block * kRowsPerTask; t < row_end; ++t) {
+        for (int64_t o = channel_block * kChannelsPerTask; o < o_end; ++o) {
+          const Nonzero* nz = phase.nonzeros.data() + phase.row_offsets[o];
+          const Nonzero* nz_end = phase.nonzeros.data() + phase.row_offsets[o + 1];
+          float* out_row = out + ((n * s.c_out + o) * s.oh + phase.y0 + t * step_h) * s.ow + phase.x0;
+          const float b = bias != nullptr ? bias[o] : 0.f;
+          for (int64_t u = 0; u < phase.cols; u += kBlockPixels) {
+            const int64_t count = std::min(kBlockPixels, phase.cols - u);
+            const float* in = sample + t * pitch + u;
+#if defined(__x86_64__)
+            if constexpr (decltype(isa)::value == Isa::avx2) {
+              block_avx2_any(in, nz, nz_end, count, acc);
+            } else {
+              block_portable(in, nz, nz_end, count, acc);
+            }
+#else
+            block_portable(in, nz, nz_end, count, acc);
+#endif
+            store(acc, count, b, activation, negative_slope, out_row + u * step_w, step_w);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace sparse_conv
+}  // namespace gansparse
