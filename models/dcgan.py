@@ -1,0 +1,69 @@
+"""DCGAN (Radford et al.) in the layout of the PyTorch example (pytorch/examples, dcgan/main.py),
+built from gansparse layers with the example's module tree (`main.<index>`), so its checkpoints load
+unchanged. 64x64 images.
+
+Generator: z [N, nz, 1, 1] (or [N, nz]) -> transposed conv 4x4 to ngf*8 x 4 x 4, then three stride-2
+transposed convs 4x4 to ngf*4, ngf*2, ngf (each with BN and ReLU), and one to nc at 64x64 with tanh;
+no conv biases. mask: None, or a mask kind of gansparse.masks after each BN, before its ReLU.
+
+Discriminator: stride-2 convs 4x4 nc -> ndf -> ndf*2 -> ndf*4 -> ndf*8 with LeakyReLU(0.2) (BN
+from the second on), a 4x4 conv to one channel and a sigmoid; no conv biases; returns [N].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gansparse import MaskedConv2d, MaskedConvTranspose2d
+from gansparse.masks import MASK_KINDS
+
+from .pix2pix import norm_layer
+
+__all__ = ["Discriminator", "Generator"]
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class Generator(nn.Module):
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, *, mask: str | None = None) -> None:
+        super().__init__()
+        _check_positive(nz=nz, ngf=ngf, nc=nc)
+        if mask is not None and mask not in MASK_KINDS:
+            raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
+        self.nz = nz
+        widths = [ngf * 8, ngf * 4, ngf * 2, ngf]
+        layers = [MaskedConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False), norm_layer("batch", widths[0], mask),
+                  nn.ReLU(True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [MaskedConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), norm_layer("batch", c_out, mask),
+                       nn.ReLU(True)]
+        layers += [MaskedConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if isinstance(z, torch.Tensor) and z.dim() == 2:
+            z = z[:, :, None, None]
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1:] != (self.nz, 1, 1):
+            raise ValueError(f"z must be a tensor [N, {self.nz}, 1, 1] or [N, {self.nz}], "
+                             f"got {getattr(z, 'shape', type(z).__name__)}")
+        return self.main(z)  # [N, nc, 64, 64]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, nc: int = 3, ndf: int = 64) -> None:
+        super().__init__()
+        _check_positive(nc=nc, ndf=ndf)
+        widths = [ndf, ndf * 2, ndf * 4, ndf * 8]
+        layers = [MaskedConv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [MaskedConv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        layers += [MaskedConv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).view(-1, 1).squeeze(1)  # [N, 1, 1, 1] -> [N]
