@@ -50,6 +50,15 @@ def channel_widths(channel_multiplier: int) -> dict[int, int]:
             256: 64 * channel_multiplier, 512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
 
 
+def _widths(channel_multiplier: int, channels: dict[int, int] | None, size: int) -> dict[int, int]:
+    if channels is None:
+        return channel_widths(channel_multiplier)
+    needed = [2 ** i for i in range(2, _log2_size(size) + 1)]
+    if not isinstance(channels, dict) or any(not isinstance(channels.get(r), int) or channels[r] < 1 for r in needed):
+        raise ValueError(f"channels must map every resolution in {needed} to a positive int, got {channels!r}")
+    return channels
+
+
 def _log2_size(size: int) -> int:
     if not isinstance(size, int) or size < 4 or size > 1024 or size & (size - 1):
         raise ValueError(f"size must be a power of two in [4, 1024], got {size!r}")
@@ -332,13 +341,15 @@ class Generator(nn.Module):
     architecture). Arguments and forward() as the reference's."""
 
     def __init__(self, size: int, style_dim: int, n_mlp: int, channel_multiplier: int = 2, blur_kernel=(1, 3, 3, 1),
-                 lr_mlp: float = 0.01, mask=None) -> None:
+                 lr_mlp: float = 0.01, *, channels: dict[int, int] | None = None, mask=None) -> None:
+        """channels: feature channels per resolution, to build narrow variants (tests, demos);
+        default the reference's, channel_widths(channel_multiplier)."""
         super().__init__()
         self.log_size = _log2_size(size)
         self.size, self.style_dim = size, style_dim
         self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp,
                                                               activation="fused_lrelu") for _ in range(n_mlp)])
-        self.channels = channel_widths(channel_multiplier)
+        self.channels = _widths(channel_multiplier, channels, size)
         self.input = ConstantInput(self.channels[4])
         self.conv1 = StyledConv(self.channels[4], self.channels[4], 3, style_dim, blur_kernel=blur_kernel, mask=mask)
         self.to_rgb1 = ToRGB(self.channels[4], style_dim, upsample=False)
@@ -454,10 +465,12 @@ class ResBlock(nn.Module):
 class Discriminator(nn.Module):
     """The StyleGAN2 residual discriminator with the minibatch standard deviation feature."""
 
-    def __init__(self, size: int, channel_multiplier: int = 2, blur_kernel=(1, 3, 3, 1)) -> None:
+    def __init__(self, size: int, channel_multiplier: int = 2, blur_kernel=(1, 3, 3, 1), *,
+                 channels: dict[int, int] | None = None) -> None:
+        """channels: as Generator's."""
         super().__init__()
         log_size = _log2_size(size)
-        channels = channel_widths(channel_multiplier)
+        channels = _widths(channel_multiplier, channels, size)
         convs = [ConvLayer(3, channels[size], 1)]
         in_channel = channels[size]
         for i in range(log_size, 2, -1):
