@@ -15,12 +15,21 @@
 // - a 1x1 or unpadded stride-1 conv reads the input in place.
 //
 // Inner loop (AVX2): output pixels on the vector lanes, up to 8 vectors (64 pixels) of
-// accumulators held in registers while a channel's nonzeros stream past: per nonzero, one
-// broadcast and one FMA per vector. The block then gets bias + activation and is stored.
+// accumulators held in registers while nonzeros stream past: per nonzero, one broadcast and one
+// FMA per vector, each reading a vector of input at the nonzero's offset.
+//
+// Cache blocking: one output channel's taps read rows of every input channel, far more than
+// L1 holds, so each output row block would come from L2, a vector per FMA. Instead the input
+// channels are split into groups whose rows for one block of 64 output pixels fit in about half
+// of L1, and the nonzeros are sorted by (group, output channel). For a block of pixels, every
+// group in turn serves every output channel of the task from L1, while the channels' partial
+// sums wait in a small L1 buffer between groups (8 vector loads and stores per group and channel
+// instead of per nonzero). After the last group, bias + activation are applied and the block is
+// stored.
+//
 // Parallel tasks are (sample, phase, block of output rows, block of output channels), ordered so
 // that each thread's contiguous share spans all the channels of some rows: the work per thread
-// does not depend on how the nonzeros are spread over the channels, and the input rows a block of
-// output rows reads stay in L2 while every output channel passes over them.
+// does not depend on how the nonzeros are spread over the channels.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -39,7 +48,8 @@ namespace {
 constexpr int64_t kLanes = 8;                  // floats per AVX2 vector
 constexpr int64_t kBlockPixels = 8 * kLanes;   // output pixels per register block
 constexpr int64_t kRowsPerTask = 4;
-constexpr int64_t kChannelsPerTask = 64;
+constexpr int64_t kChannelsPerTask = 32;
+constexpr int64_t kGroupInputBytes = 16 * 1024;  // input of one channel group for one pixel block
 
 struct Nonzero {
   int32_t offset;  // into the sample's padded input, for output (t, u) = (0, 0)
@@ -47,11 +57,39 @@ struct Nonzero {
 };
 
 // One stride-1 correlation: output pixels (y0 + t * step_y, x0 + u * step_x), t < rows, u < cols.
+// Its nonzeros are sorted by (input channel group g, output channel o): those of (g, o) are
+// [starts[g * c_out + o], starts[g * c_out + o + 1]).
 struct Phase {
   int64_t rows, cols;
   int64_t y0, x0;
-  std::vector<int32_t> row_offsets;  // [c_out + 1] into nonzeros
+  std::vector<int32_t> starts;
   std::vector<Nonzero> nonzeros;
+};
+
+// Collects a phase's nonzeros in any order, then sorts them by (group, output channel).
+class PhaseBuilder {
+ public:
+  PhaseBuilder(int64_t c_out, int64_t group_channels) : c_out_(c_out), group_channels_(group_channels) {}
+
+  void add(int64_t o, int64_t c, int64_t offset, float value) {
+    keys_.push_back(static_cast<int32_t>(c / group_channels_ * c_out_ + o));
+    entries_.push_back({static_cast<int32_t>(offset), value});
+  }
+
+  Phase finish(int64_t rows, int64_t cols, int64_t y0, int64_t x0, int64_t groups) const {
+    Phase phase{rows, cols, y0, x0, std::vector<int32_t>(groups * c_out_ + 1, 0),
+                std::vector<Nonzero>(entries_.size())};
+    for (int32_t key : keys_) ++phase.starts[key + 1];
+    for (size_t k = 1; k < phase.starts.size(); ++k) phase.starts[k] += phase.starts[k - 1];
+    std::vector<int32_t> next(phase.starts.begin(), phase.starts.end() - 1);
+    for (size_t e = 0; e < entries_.size(); ++e) phase.nonzeros[next[keys_[e]]++] = entries_[e];
+    return phase;
+  }
+
+ private:
+  int64_t c_out_, group_channels_;
+  std::vector<int32_t> keys_;
+  std::vector<Nonzero> entries_;
 };
 
 // The zero-padded input of one sample: planes [c_in, split_h, split_w] of [plane_h, pitch].
@@ -70,8 +108,17 @@ struct PaddedLayout {
 struct Plan {
   bool in_place;  // read x itself: no padding, stride 1
   PaddedLayout layout;
+  int64_t groups, group_channels;
   std::vector<Phase> phases;
 };
+
+// Input channels per group: a channel's taps read up to kh rows in each of min(kw, stride_w)
+// column phases, of one pixel block plus the kernel's reach.
+int64_t group_channels(const ConvShape& s) {
+  const int64_t rows = s.kh * std::min(s.kw, s.stride_w);
+  const int64_t bytes = rows * (kBlockPixels + (s.kw - 1) * s.dilation_w) * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(1, kGroupInputBytes / bytes);
+}
 
 // The output coordinates of one transposed-conv output phase along one axis: outputs first * s +
 // residue - pad for first <= T <= last, i.e. `count` of them from y0 with step s.
@@ -118,31 +165,30 @@ PaddedLayout padded_layout(const ConvShape& s) {
 Plan make_plan(CsrWeight weight, const ConvShape& s) {
   Plan plan;
   plan.layout = padded_layout(s);
+  plan.in_place = !s.transposed && s.pad_h == 0 && s.pad_w == 0 && s.stride_h == 1 && s.stride_w == 1;
+  plan.group_channels = group_channels(s);
+  plan.groups = (s.c_in + plan.group_channels - 1) / plan.group_channels;
   const PaddedLayout& layout = plan.layout;
   if (!s.transposed) {
-    plan.in_place = s.pad_h == 0 && s.pad_w == 0 && s.stride_h == 1 && s.stride_w == 1;
-    Phase phase{s.oh, s.ow, 0, 0, std::vector<int32_t>(s.c_out + 1), {}};
-    phase.nonzeros.reserve(weight.row_offsets[s.c_out]);
+    PhaseBuilder builder(s.c_out, plan.group_channels);
     for (int64_t o = 0; o < s.c_out; ++o) {
       for (int64_t k = weight.row_offsets[o]; k < weight.row_offsets[o + 1]; ++k) {
         const Tap tap = decode_column(weight.columns[k], s.kh, s.kw);
         const int64_t dy = tap.i * s.dilation_h, dx = tap.j * s.dilation_w;
         const int64_t offset = layout.plane_start(tap.c, dy % s.stride_h, dx % s.stride_w) +
                                dy / s.stride_h * layout.pitch + dx / s.stride_w;
-        phase.nonzeros.push_back({static_cast<int32_t>(offset), weight.values[k]});
+        builder.add(o, tap.c, offset, weight.values[k]);
       }
-      phase.row_offsets[o + 1] = static_cast<int32_t>(phase.nonzeros.size());
     }
-    plan.phases.push_back(std::move(phase));
+    plan.phases.push_back(builder.finish(s.oh, s.ow, 0, 0, plan.groups));
     return plan;
   }
-  plan.in_place = false;
   for (int64_t ry = 0; ry < s.stride_h; ++ry) {
     for (int64_t rx = 0; rx < s.stride_w; ++rx) {
       const AxisPhase py = transposed_axis_phase(ry, s.oh, s.stride_h, s.pad_h);
       const AxisPhase px = transposed_axis_phase(rx, s.ow, s.stride_w, s.pad_w);
       if (py.count == 0 || px.count == 0) continue;
-      Phase phase{py.count, px.count, py.y0, px.y0, std::vector<int32_t>(s.c_out + 1), {}};
+      PhaseBuilder builder(s.c_out, plan.group_channels);
       for (int64_t o = 0; o < s.c_out; ++o) {
         for (int64_t k = weight.row_offsets[o]; k < weight.row_offsets[o + 1]; ++k) {
           const Tap tap = decode_column(weight.columns[k], s.kh, s.kw);
@@ -151,12 +197,10 @@ Plan make_plan(CsrWeight weight, const ConvShape& s) {
           // Output T of this phase reads input row T - dy / stride (padded: + top).
           const int64_t row = py.first - dy / s.stride_h + layout.top;
           const int64_t col = px.first - dx / s.stride_w + layout.left;
-          const int64_t offset = layout.plane_start(tap.c, 0, 0) + row * layout.pitch + col;
-          phase.nonzeros.push_back({static_cast<int32_t>(offset), weight.values[k]});
+          builder.add(o, tap.c, layout.plane_start(tap.c, 0, 0) + row * layout.pitch + col, weight.values[k]);
         }
-        phase.row_offsets[o + 1] = static_cast<int32_t>(phase.nonzeros.size());
       }
-      plan.phases.push_back(std::move(phase));
+      plan.phases.push_back(builder.finish(py.count, px.count, py.y0, px.y0, plan.groups));
     }
   }
   return plan;
@@ -187,10 +231,9 @@ void pad_input(const float* x, float* padded, const ConvShape& s, const PaddedLa
 
 // --- register blocks -------------------------------------------------------------------------
 
-// acc[0, count) = sum over the nonzeros of value * in[offset + p]; the portable copy, which the
+// acc[0, count) += sum over the nonzeros of value * in[offset + p]; the portable copy, which the
 // compiler vectorises for the baseline instruction set.
 void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
-  std::fill(acc, acc + count, 0.f);
   for (; nz != end; ++nz) {
     const float* row = in + nz->offset;
     const float w = nz->value;
@@ -202,13 +245,14 @@ void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int6
 #if defined(__x86_64__)
 #define GS_AVX2 __attribute__((target("avx2,fma")))
 
-// V vectors of accumulators in registers; with kMasked the last vector loads only the lanes
+// acc_io[0, 8 V) += the nonzeros' products, with V vectors of accumulators in registers; the
+// buffer is 32-byte aligned and 8 V long even when fewer pixels are valid. With kMasked the last vector loads only the lanes
 // `last` selects, so no read passes the end of the output row.
 template <int V, bool kMasked>
-GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, __m256i last, float* acc_out) {
+GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, __m256i last, float* acc_io) {
   __m256 acc[V];
 #pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_load_ps(acc_io + v * kLanes);
   for (; nz != end; ++nz) {
     const float* row = in + nz->offset;
     const __m256 w = _mm256_set1_ps(nz->value);
@@ -219,7 +263,7 @@ GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, 
     acc[V - 1] = _mm256_fmadd_ps(w, x, acc[V - 1]);
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc_out + v * kLanes, acc[v]);
+  for (int v = 0; v < V; ++v) _mm256_store_ps(acc_io + v * kLanes, acc[v]);
 }
 
 GS_AVX2 void block_avx2_any(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
@@ -286,7 +330,7 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
   const int64_t tasks = s.n * phases * row_blocks * channel_blocks;
 
   parallel_for(tasks, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
-    alignas(32) float acc[kBlockPixels];
+    alignas(32) float partial[kChannelsPerTask * kBlockPixels];  // [channel of the task, pixel]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t channel_block = task % channel_blocks;
       const int64_t row_block = task / channel_blocks % row_blocks;
@@ -295,26 +339,36 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
       const Phase& phase = plan.phases[g];
       const float* sample = input + n * sample_size;
       const int64_t row_end = std::min(phase.rows, (row_block + 1) * kRowsPerTask);
-      const int64_t o_end = std::min(s.c_out, (channel_block + 1) * kChannelsPerTask);
+      const int64_t o_begin = channel_block * kChannelsPerTask;
+      const int64_t o_count = std::min(s.c_out, o_begin + kChannelsPerTask) - o_begin;
       for (int64_t t = row_block * kRowsPerTask; t < row_end; ++t) {
-        for (int64_t o = channel_block * kChannelsPerTask; o < o_end; ++o) {
-          const Nonzero* nz = phase.nonzeros.data() + phase.row_offsets[o];
-          const Nonzero* nz_end = phase.nonzeros.data() + phase.row_offsets[o + 1];
-          float* out_row = out + ((n * s.c_out + o) * s.oh + phase.y0 + t * step_h) * s.ow + phase.x0;
-          const float b = bias != nullptr ? bias[o] : 0.f;
-          for (int64_t u = 0; u < phase.cols; u += kBlockPixels) {
-            const int64_t count = std::min(kBlockPixels, phase.cols - u);
-            const float* in = sample + t * pitch + u;
+        for (int64_t u = 0; u < phase.cols; u += kBlockPixels) {
+          const int64_t count = std::min(kBlockPixels, phase.cols - u);
+          const float* in = sample + t * pitch + u;
+          std::fill(partial, partial + o_count * kBlockPixels, 0.f);
+          for (int64_t group = 0; group < plan.groups; ++group) {
+            const int32_t* starts = phase.starts.data() + group * s.c_out + o_begin;
+            for (int64_t k = 0; k < o_count; ++k) {
+              const Nonzero* nz = phase.nonzeros.data() + starts[k];
+              const Nonzero* nz_end = phase.nonzeros.data() + starts[k + 1];
+              if (nz == nz_end) continue;
+              float* acc = partial + k * kBlockPixels;
 #if defined(__x86_64__)
-            if constexpr (decltype(isa)::value == Isa::avx2) {
-              block_avx2_any(in, nz, nz_end, count, acc);
-            } else {
-              block_portable(in, nz, nz_end, count, acc);
-            }
+              if constexpr (decltype(isa)::value == Isa::avx2) {
+                block_avx2_any(in, nz, nz_end, count, acc);
+              } else {
+                block_portable(in, nz, nz_end, count, acc);
+              }
 #else
-            block_portable(in, nz, nz_end, count, acc);
+              block_portable(in, nz, nz_end, count, acc);
 #endif
-            store(acc, count, b, activation, negative_slope, out_row + u * step_w, step_w);
+            }
+          }
+          for (int64_t k = 0; k < o_count; ++k) {
+            const int64_t o = o_begin + k;
+            float* out_row = out + ((n * s.c_out + o) * s.oh + phase.y0 + t * step_h) * s.ow + phase.x0;
+            store(partial + k * kBlockPixels, count, bias != nullptr ? bias[o] : 0.f, activation, negative_slope,
+                  out_row + u * step_w, step_w);
           }
         }
       }
