@@ -3,9 +3,10 @@
 Importing gansparse loads no compiled code, needs no compiler and never initialises CUDA; the
 compiled extension is loaded by the first op that runs on it.
 """
-from . import functional, masks
+from . import functional, masks, prune
 from ._dispatch import IMPLS, BackendUnavailableError
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
+from .sparse import SparseConv2d, SparseConvTranspose2d, sparsify
 # The function shadows its module as an attribute of gansparse: gansparse.profile(model, x).
 from .profile import profile, profile_table
 
@@ -18,9 +19,13 @@ __all__ = [
     "MaskedConv2d",
     "MaskedConvNormAct",
     "MaskedConvTranspose2d",
+    "SparseConv2d",
+    "SparseConvTranspose2d",
     "functional",
     "masks",
     "profile",
     "profile_table",
+    "prune",
+    "sparsify",
     "__version__",
 ]
