@@ -61,10 +61,18 @@ CHANNEL_CONFIGS = {
 # --- super layers ----------------------------------------------------------------------------
 
 
-def _check_active(layer: nn.Module, out_channels: int | None) -> None:
-    if out_channels is not None and not (isinstance(out_channels, int) and 0 < out_channels <= layer.out_channels):
-        raise ValueError(f"active_out_channels must be None or an int in [1, {layer.out_channels}], "
-                         f"got {out_channels!r}")
+class _ActiveOutChannels:
+    """active_out_channels: how many output channels a super conv runs (None: all), checked when set."""
+
+    @property
+    def active_out_channels(self) -> int | None:
+        return self._active_out_channels
+
+    @active_out_channels.setter
+    def active_out_channels(self, value: int | None) -> None:
+        if value is not None and not (isinstance(value, int) and 0 < value <= self.out_channels):
+            raise ValueError(f"active_out_channels must be None or an int in [1, {self.out_channels}], got {value!r}")
+        self._active_out_channels = value
 
 
 def _check_input(layer: nn.Module, x: torch.Tensor, full: int) -> int:
@@ -75,7 +83,7 @@ def _check_input(layer: nn.Module, x: torch.Tensor, full: int) -> int:
     return x.shape[1]
 
 
-class SuperConv2d(nn.Conv2d):
+class SuperConv2d(_ActiveOutChannels, nn.Conv2d):
     """nn.Conv2d running the first channels of its weight: as many input channels as x has and
     `active_out_channels` outputs (None: all). A depthwise conv (groups == in == out channels) runs
     as many channels as x has. Zero padding only, as in the reference."""
@@ -87,7 +95,7 @@ class SuperConv2d(nn.Conv2d):
         self.depthwise = self.groups == self.in_channels == self.out_channels and self.groups > 1
         if self.groups != 1 and not self.depthwise:
             raise ValueError(f"SuperConv2d takes groups=1 or a depthwise conv, got groups={self.groups}")
-        self.active_out_channels: int | None = None
+        self.active_out_channels = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c_in = _check_input(self, x, self.in_channels)
@@ -100,14 +108,14 @@ class SuperConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
 
-class SuperConvTranspose2d(nn.ConvTranspose2d):
+class SuperConvTranspose2d(_ActiveOutChannels, nn.ConvTranspose2d):
     """nn.ConvTranspose2d running the first channels of its weight, as SuperConv2d (groups=1)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.groups != 1 or self.padding_mode != "zeros":
             raise ValueError("SuperConvTranspose2d takes groups=1 and zero padding only")
-        self.active_out_channels: int | None = None
+        self.active_out_channels = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c_in = _check_input(self, x, self.in_channels)
