@@ -205,8 +205,7 @@ _PINNED = 0  # the union-find id every channel that must stay is tied to
 
 _POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                       nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Dropout,
-                      nn.Dropout2d, nn.Identity, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d,
-                      nn.BatchNorm2d, nn.InstanceNorm2d)
+                      nn.Dropout2d, nn.Identity, nn.BatchNorm2d, nn.InstanceNorm2d)
 _POINTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardtanh,
                         F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.clamp, F.dropout,
                         operator.neg, torch.neg}
@@ -402,6 +401,8 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._same(flow, flow.const | self._mask_zero(module, len(flow.slots))) if flow is not None else None
         if isinstance(module, nn.ConstantPad2d):  # includes nn.ZeroPad2d
             return self._pad(n, out, module.padding, "constant", module.value)
+        if isinstance(module, (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
+            return self._pad(n, out, module.padding, "reflect", None)
         if isinstance(module, _POINTWISE_MODULES):
             return self._pointwise(n, out)
         if isinstance(module, nn.Softmax):
@@ -701,9 +702,12 @@ class _Rewriter:
         setattr(self.gm.get_submodule(parent) if parent else self.gm, name, module)
 
     def run(self) -> fx.GraphModule:
+        # The kept channels of each module's input and output, read before rewriting moves inputs.
+        kept = {node: (self.keep(node.args[0] if node.args else None), self.keep(node))
+                for node in self.graph.nodes if node.op == "call_module"}
         for node in list(self.graph.nodes):
             if node.op == "call_module":
-                self.module_node(node, self.gm.get_submodule(node.target))
+                self.module_node(node, self.gm.get_submodule(node.target), *kept[node])
             elif node.op in ("call_method", "call_function") and node.target in (_SHAPE_METHODS | {torch.reshape}):
                 self.shape_node(node)
         self.graph.lint()
@@ -711,9 +715,7 @@ class _Rewriter:
         self.gm.recompile()
         return self.gm
 
-    def module_node(self, node: fx.Node, module: nn.Module) -> None:
-        source = node.args[0] if node.args else None
-        keep_in, keep_out = self.keep(source), self.keep(node)
+    def module_node(self, node: fx.Node, module: nn.Module, keep_in, keep_out) -> None:
         input_values = self.analysis.input_values.get(node)
         mask = getattr(module, "mask", None)
         scale = effective_mask_values(mask) if isinstance(mask, Mask) else None
@@ -731,9 +733,30 @@ class _Rewriter:
         elif isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)):  # masked norms included
             self.set_module(node.target, _plain_norm(module, keep_out, scale))
         elif isinstance(module, _masked_norm_types()):  # ChannelMask
-            self.set_module(node.target, _channel_scale(scale, keep_out))
+            self.channel_mask_node(node, scale, keep_out)
         elif isinstance(module, nn.Linear):
             self.set_module(node.target, self.plain_linear(module, keep_in, keep_out, input_values))
+
+    def channel_mask_node(self, node: fx.Node, scale, keep) -> None:
+        """The mask alone: folded into the conv right before it when that conv feeds only the mask,
+        a plain per-channel scale otherwise."""
+        source = node.args[0]
+        conv = self.gm.get_submodule(source.target) if isinstance(source, fx.Node) and source.op == "call_module" \
+            else None
+        if scale is None or not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or len(source.users) != 1:
+            self.set_module(node.target, _channel_scale(scale, keep))
+            return
+        scale = _index(scale, 0, keep).to(conv.weight)
+        out_dim = 1 if conv.transposed else 0
+        with torch.no_grad():
+            if conv.groups != 1 and conv.transposed:  # grouped transposed weights split out channels per group
+                self.set_module(node.target, _channel_scale(scale, None))
+                return
+            conv.weight.mul_(scale.view([-1 if d == out_dim else 1 for d in range(conv.weight.dim())]))
+            if conv.bias is not None:
+                conv.bias.mul_(scale)
+        node.replace_all_uses_with(source)
+        self.graph.erase_node(node)
 
     def add_buffer(self, target: str, value: torch.Tensor) -> str:
         name = target.replace(".", "_") + "_values"
@@ -955,7 +978,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     Written atomically (a temporary file renamed over `path`)."""
     from safetensors.torch import save_file
 
-    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    gm = model if isinstance(model, fx.GraphModule) else _trace(model)
     modules, attributes, nodes = {}, [], []
     for node in gm.graph.nodes:
         target = node.target
