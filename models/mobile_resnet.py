@@ -15,13 +15,13 @@ inner width of the residual blocks of each third of them (x4 each), the two upsa
 x1). The legacy 6-entry form has one inner width for all blocks. Without `channels` every entry is
 ngf: the 'mobile_resnet_9blocks' teacher.
 
-Reference layouts: the teacher ('mobile_resnet_9blocks') gives the separable convs a bias only
-with instance norm, as its other convs; the sub-networks ('sub_mobile_resnet_9blocks') and the
-super network always give them one and clamp their input to [-1, 1]: `separable_bias=True,
-clamp_input=True`, which sub_mobile_resnet_generator() sets. The reference sub-network sizes two
-kinds of norm by the wrong width (the downsampling norms by the input width, the blocks' last norm by
-the inner width); that only runs with parameter-free norms (instance), whose keys are the same
-either way, and here every norm has its layer's width.
+The separable convs always have biases, as in the reference (its SeparableConv2d defaults to one and
+no generator passes otherwise), whatever the norm. The sub-networks ('sub_mobile_resnet_9blocks') and
+the super network clamp their input to [-1, 1], the teacher does not: `clamp_input`, which
+sub_mobile_resnet_generator() sets. The reference sub-network sizes two kinds of norm by the wrong
+width (the downsampling norms by the input width, the blocks' last norm by the inner width); that
+only runs with parameter-free norms (instance, none), whose keys are the same either way, and here
+every norm has its layer's width.
 
 mask: None, or a mask kind of gansparse.masks put after the norm of every conv that has one,
 before its activation, as on the CycleGAN generator (models/pix2pix.py): the stem, the downsampling
@@ -30,7 +30,7 @@ the residual stream) and the upsampling convs.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +88,7 @@ class Layers:
 
     conv: type[nn.Module]
     conv_transpose: type[nn.Module]
-    norm: object  # norm(kind, channels, mask) -> module, as models.pix2pix.norm_layer
+    norm: Callable[[str, int, str | None], nn.Module]  # norm(kind, channels, mask), as pix2pix.norm_layer
     inner_norm: type[nn.Module]  # the separable conv's own norm: InstanceNorm2d(channels)
 
 
@@ -115,13 +115,13 @@ class MobileResnetBlock(nn.Module):
     """x + [pad, separable conv dim -> inner, norm, ReLU, dropout, pad, separable conv inner -> dim,
     norm](x)."""
 
-    def __init__(self, dim: int, inner: int, padding_type: str, norm: str, dropout_rate: float, separable_bias: bool,
+    def __init__(self, dim: int, inner: int, padding_type: str, norm: str, dropout_rate: float,
                  mask: str | None = None, *, layers: Layers = GANSPARSE_LAYERS) -> None:
         super().__init__()
         block = []
         for c_in, c_out, tail in ((dim, inner, [nn.ReLU(True), nn.Dropout(dropout_rate)]), (inner, dim, [])):
             pad, p = _padding(padding_type)
-            block += pad + [SeparableConv2d(c_in, c_out, 3, padding=p, bias=separable_bias, layers=layers),
+            block += pad + [SeparableConv2d(c_in, c_out, 3, padding=p, layers=layers),
                             layers.norm(norm, c_out, mask)] + tail
         self.conv_block = nn.Sequential(*block)
 
@@ -130,6 +130,7 @@ class MobileResnetBlock(nn.Module):
 
 
 def check_layout(norm: str, dropout_rate: float, n_blocks: int, padding_type: str, mask: str | None = None) -> None:
+    """A clear error for any option a generator layout cannot take."""
     _check_options(norm, mask)
     if padding_type not in PADDING_TYPES:
         raise ValueError(f"padding_type must be one of {PADDING_TYPES}, got {padding_type!r}")
@@ -140,7 +141,7 @@ def check_layout(norm: str, dropout_rate: float, n_blocks: int, padding_type: st
 
 
 def build_layout(input_nc: int, output_nc: int, channels: Sequence[int], norm: str, dropout_rate: float,
-                 n_blocks: int, padding_type: str, separable_bias: bool, mask: str | None = None, *,
+                 n_blocks: int, padding_type: str, mask: str | None = None, *,
                  layers: Layers = GANSPARSE_LAYERS) -> nn.Sequential:
     """The reference's `model` Sequential for an 8-entry config: [pad, stem conv 7x7, norm, ReLU],
     2 x [conv 3x3 stride 2, norm, ReLU], n_blocks MobileResnetBlocks, 2 x [transposed conv 3x3
@@ -152,8 +153,8 @@ def build_layout(input_nc: int, output_nc: int, channels: Sequence[int], norm: s
     for c_in, c_out in ((stem, down1), (down1, stream)):
         model += [layers.conv(c_in, c_out, 3, stride=2, padding=1, bias=bias), layers.norm(norm, c_out, mask),
                   nn.ReLU(True)]
-    model += [MobileResnetBlock(stream, inner[group], padding_type, norm, dropout_rate, separable_bias, mask,
-                                layers=layers) for group in block_groups(n_blocks)]
+    model += [MobileResnetBlock(stream, inner[group], padding_type, norm, dropout_rate, mask, layers=layers)
+              for group in block_groups(n_blocks)]
     for c_in, c_out in ((stream, up1), (up1, up2)):
         model += [layers.conv_transpose(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=bias),
                   layers.norm(norm, c_out, mask), nn.ReLU(True)]
@@ -166,14 +167,12 @@ class MobileResnetGenerator(nn.Module):
     n_blocks=9), or one of its sub-networks when `channels` (a config's 'channels' list) is given,
     which then replaces ngf. norm 'instance' (the reference's default), 'batch' or 'none'.
 
-    separable_bias: whether the separable convs have biases; None: as the other convs (with
-    instance norm only), the teacher's layout; True: the sub-networks' and super network's.
     clamp_input: clamp the input to [-1, 1] first, as the sub-networks and super network do.
     """
 
     def __init__(self, input_nc: int, output_nc: int, ngf: int = 64, norm: str = "instance",
                  dropout_rate: float = 0.0, n_blocks: int = 9, padding_type: str = "reflect", *,
-                 channels: Sequence[int] | None = None, separable_bias: bool | None = None, clamp_input: bool = False,
+                 channels: Sequence[int] | None = None, clamp_input: bool = False,
                  mask: str | None = None) -> None:
         super().__init__()
         check_layout(norm, dropout_rate, n_blocks, padding_type, mask)
@@ -184,7 +183,7 @@ class MobileResnetGenerator(nn.Module):
         self.channels = config_channels(channels)
         self.clamp_input = clamp_input
         self.model = build_layout(input_nc, output_nc, self.channels, norm, dropout_rate, n_blocks, padding_type,
-                                  _conv_bias(norm) if separable_bias is None else separable_bias, mask)
+                                  mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.clamp(-1, 1) if self.clamp_input else x)
@@ -199,5 +198,5 @@ def sub_mobile_resnet_generator(input_nc: int, output_nc: int, config: dict, nor
     if not isinstance(config, dict) or "channels" not in config:
         raise ValueError(f"config must be a dict with a 'channels' list, got {config!r}")
     return MobileResnetGenerator(input_nc, output_nc, norm=norm, dropout_rate=dropout_rate, n_blocks=n_blocks,
-                                 padding_type=padding_type, channels=config["channels"], separable_bias=True,
-                                 clamp_input=True, mask=mask)
+                                 padding_type=padding_type, channels=config["channels"], clamp_input=True,
+                                 mask=mask)

@@ -3,7 +3,7 @@
 and models/modules/super_modules.py).
 
 The super network has the full-width module tree of a sub-network (its state_dict keys are those of
-MobileResnetGenerator(..., ngf, separable_bias=True)) and runs any channel configuration by taking the
+MobileResnetGenerator(..., ngf)) and runs any channel configuration by taking the
 first N channels of every weight: sub-networks share weights, wider ones extending narrower ones.
 
     net = SuperMobileResnetGenerator(3, 3, ngf=32, search_space="channels-32")
@@ -179,22 +179,21 @@ class SuperMobileResnetGenerator(nn.Module):
     search_space: the choices of each of the 8 config entries, a name of CHANNEL_CONFIGS (the
     reference's sets) or 8 lists of channel counts in [1, ngf]; None: ngf and the multiples of 8
     from 16 below it (the paper's "multiples of 8").
-    separable_bias: whether the separable convs have biases (the reference: always).
     """
 
     def __init__(self, input_nc: int, output_nc: int, ngf: int = 64, norm: str = "instance",
                  dropout_rate: float = 0.0, n_blocks: int = 9, padding_type: str = "reflect", *,
-                 search_space: str | Sequence[Sequence[int]] | None = None, separable_bias: bool = True) -> None:
+                 search_space: str | Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         check_layout(norm, dropout_rate, n_blocks, padding_type)
         if not (isinstance(ngf, int) and ngf > 0):
             raise ValueError(f"ngf must be a positive int, got {ngf!r}")
         self.options = dict(input_nc=input_nc, output_nc=output_nc, norm=norm, dropout_rate=dropout_rate,
-                            n_blocks=n_blocks, padding_type=padding_type, separable_bias=separable_bias)
+                            n_blocks=n_blocks, padding_type=padding_type)
         self.ngf = ngf
         self._search_space = self._check_search_space(search_space)
         self.model = build_layout(input_nc, output_nc, [ngf] * len(CHANNEL_MULTIPLIERS), norm, dropout_rate,
-                                  n_blocks, padding_type, separable_bias, layers=SUPER_LAYERS)
+                                  n_blocks, padding_type, layers=SUPER_LAYERS)
         self.configure({"channels": [ngf] * len(CHANNEL_MULTIPLIERS)})
 
     # -- configurations --

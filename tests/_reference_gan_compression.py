@@ -3,7 +3,7 @@
 description with plain torch.nn. The oracle for models/mobile_resnet.py and models/supernet.py:
 
 - MobileGenerator: 'mobile_resnet_9blocks' (widths from ngf) or 'sub_mobile_resnet_9blocks' (widths
-  from a config's 'channels' list, separable convs always with a bias, input clamped to [-1, 1]);
+  from a config's 'channels' list, input clamped to [-1, 1]); separable convs always with a bias;
 - super_forward: the super network's forward over a full-width sub-network's modules, slicing every
   weight to its first channels the way the reference's Super* layers do, for a config.
 
@@ -26,23 +26,23 @@ def pad_and_padding(padding_type):
 
 
 class SeparableConv2d(nn.Module):
-    def __init__(self, cin, cout, padding, bias):
+    def __init__(self, cin, cout, padding):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=padding, groups=cin, bias=bias),
-                                  nn.InstanceNorm2d(cin), nn.Conv2d(cin, cout, 1, bias=bias))
+        self.conv = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=padding, groups=cin),
+                                  nn.InstanceNorm2d(cin), nn.Conv2d(cin, cout, 1))
 
     def forward(self, x):
         return self.conv(x)
 
 
 class MobileBlock(nn.Module):
-    def __init__(self, dim, inner, norm, dropout_rate, padding_type, bias):
+    def __init__(self, dim, inner, norm, dropout_rate, padding_type):
         super().__init__()
         pad, p = pad_and_padding(padding_type)
-        layers = pad + [SeparableConv2d(dim, inner, p, bias), norm_layer(norm, inner), nn.ReLU(True),
+        layers = pad + [SeparableConv2d(dim, inner, p), norm_layer(norm, inner), nn.ReLU(True),
                         nn.Dropout(dropout_rate)]
         pad, p = pad_and_padding(padding_type)
-        layers += pad + [SeparableConv2d(inner, dim, p, bias), norm_layer(norm, dim)]
+        layers += pad + [SeparableConv2d(inner, dim, p), norm_layer(norm, dim)]
         self.conv_block = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -61,7 +61,6 @@ class MobileGenerator(nn.Module):
         self.sub = config is not None
         c = config["channels"] if self.sub else [ngf] * 8
         bias = norm == "instance"
-        separable_bias = True if self.sub else bias
         stream = c[2] * 4
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, c[0], 7, bias=bias), norm_layer(norm, c[0]),
                   nn.ReLU(True),
@@ -69,7 +68,7 @@ class MobileGenerator(nn.Module):
                   nn.Conv2d(c[1] * 2, stream, 3, 2, 1, bias=bias), norm_layer(norm, stream), nn.ReLU(True)]
         for i in range(n_blocks):
             inner = c[3 + group_of_block(i, n_blocks)] * 4
-            layers.append(MobileBlock(stream, inner, norm, dropout_rate, padding_type, separable_bias))
+            layers.append(MobileBlock(stream, inner, norm, dropout_rate, padding_type))
         layers += [nn.ConvTranspose2d(stream, c[6] * 2, 3, 2, 1, 1, bias=bias), norm_layer(norm, c[6] * 2),
                    nn.ReLU(True),
                    nn.ConvTranspose2d(c[6] * 2, c[7], 3, 2, 1, 1, bias=bias), norm_layer(norm, c[7]), nn.ReLU(True),

@@ -35,7 +35,7 @@ def _eight(channels: list[int]) -> list[int]:
 
 def test_keys_are_those_of_the_full_width_sub_network():
     net = SuperMobileResnetGenerator(3, 2, NGF, "batch", n_blocks=4)
-    sub = MobileResnetGenerator(3, 2, NGF, "batch", n_blocks=4, separable_bias=True)
+    sub = MobileResnetGenerator(3, 2, NGF, "batch", n_blocks=4)
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in sub.state_dict().items()}
 
 
@@ -62,7 +62,7 @@ def test_configured_outputs_match_the_reference_and_the_extracted_subnet(norm, c
 
 def test_the_largest_config_is_the_full_width_sub_network():
     net = randomise_(SuperMobileResnetGenerator(3, 3, NGF, "instance", n_blocks=3)).eval()
-    full = MobileResnetGenerator(3, 3, NGF, "instance", n_blocks=3, separable_bias=True, clamp_input=True).eval()
+    full = MobileResnetGenerator(3, 3, NGF, "instance", n_blocks=3, clamp_input=True).eval()
     full.load_state_dict(net.state_dict())
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(net(x), full(x))
