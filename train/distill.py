@@ -74,7 +74,7 @@ def default_attention_layers(generator: nn.Module) -> list[str]:
       and the outputs of the residual blocks closing each third of them (with 9 blocks: the 3rd,
       6th and 9th; 'model.9', 'model.12', 'model.15', 'model.18' in the reference's layout);
     - UnetGenerator: convolutions 2, 4, 12 and 14 of unet_256 in forward order, i.e. the 2nd,
-      4th, 4th-from-last and 2nd-from-last for any depth.
+      4th, 5th-from-last and 3rd-from-last for any depth.
     """
     if isinstance(generator, ResnetGenerator):
         blocks = [i for i, layer in enumerate(generator.model) if isinstance(layer, ResnetBlock)]
@@ -84,7 +84,7 @@ def default_attention_layers(generator: nn.Module) -> list[str]:
         return [f"model.{blocks[0] - 1}"] + [f"model.{i}" for i in thirds]
     if isinstance(generator, UnetGenerator):
         convs = _convs(generator)  # named_modules order is the forward order in the U-Net
-        return [convs[i] for i in (1, 3, len(convs) - 4, len(convs) - 2)]
+        return [convs[i] for i in (1, 3, len(convs) - 5, len(convs) - 3)]
     raise ValueError(f"no default attention layers for {type(generator).__name__}: name them explicitly")
 
 
