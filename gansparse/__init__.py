@@ -3,7 +3,7 @@
 Importing gansparse loads no compiled code, needs no compiler and never initialises CUDA; the
 compiled extension is loaded by the first op that runs on it.
 """
-from . import functional, masks, prune
+from . import export, functional, masks, prune
 from ._dispatch import IMPLS, BackendUnavailableError
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
 from .sparse import SparseConv2d, SparseConvTranspose2d, sparsify
@@ -21,6 +21,7 @@ __all__ = [
     "MaskedConvTranspose2d",
     "SparseConv2d",
     "SparseConvTranspose2d",
+    "export",
     "functional",
     "masks",
     "profile",
