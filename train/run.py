@@ -129,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
+    from .checkpoint import CheckpointError
     from .loop import run
 
-    run(method, cfg, resume=args.resume is not None)
+    try:
+        run(method, cfg, resume=args.resume is not None)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
