@@ -50,6 +50,8 @@ constexpr int64_t kBlockPixels = 8 * kLanes;   // output pixels per register blo
 constexpr int64_t kRowsPerTask = 4;
 constexpr int64_t kChannelsPerTask = 32;
 constexpr int64_t kGroupInputBytes = 16 * 1024;  // input of one channel group for one pixel block
+// Multiply-adds per thread below which another thread costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
 
 struct Nonzero {
   int32_t offset;  // into the sample's padded input, for output (t, u) = (0, 0)
@@ -312,6 +314,9 @@ int64_t padded_sample_floats(ConvShape shape) { return padded_layout(shape).samp
 void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out, ConvShape s,
                  Activation activation, float negative_slope, int num_threads) {
   const Plan plan = make_plan(weight, s);
+  const int64_t work = s.n * s.oh * s.ow * std::max<int64_t>(weight.row_offsets[s.c_out], s.c_out) /
+                       (s.transposed ? s.stride_h * s.stride_w : 1);
+  num_threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, num_threads));
   // In place, the layout is x's own: one plane [h, w] per channel.
   const int64_t sample_size = plan.layout.sample_size(s.c_in), pitch = plan.layout.pitch;
   std::vector<float> padded;

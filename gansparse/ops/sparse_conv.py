@@ -104,6 +104,27 @@ def _check_op_args(x, values, columns, row_offsets, bias, activation) -> None:
         raise ValueError(f"bias must have C_out = {row_offsets.numel() - 1} entries, got {bias.numel()}")
 
 
+def _check_geometry(kernel_size, stride, padding, dilation, transposed, output_padding) -> None:
+    for name, pair, minimum in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                                ("dilation", dilation, 1), ("output_padding", output_padding, 0)):
+        if len(pair) != 2 or min(pair) < minimum:
+            raise ValueError(f"{name} must have 2 values >= {minimum}, got {list(pair)}")
+    for d in range(2):
+        limit = max(stride[d], dilation[d]) if transposed else 1
+        if output_padding[d] >= limit:
+            raise ValueError(f"output_padding must be smaller than {'stride or dilation' if transposed else 1}, "
+                             f"got {list(output_padding)}")
+
+
+def check_csr(columns: torch.Tensor, row_offsets: torch.Tensor, filter_size: int) -> None:
+    """What the compiled op checks of the CSR structure by reading it."""
+    nnz = columns.numel()
+    if int(row_offsets[0]) != 0 or int(row_offsets[-1]) != nnz or bool((row_offsets.diff() < 0).any()):
+        raise ValueError(f"row_offsets must start at 0, be non-decreasing and end at the number of values ({nnz})")
+    if nnz and (int(columns.min()) < 0 or int(columns.max()) >= filter_size):
+        raise ValueError(f"columns must lie in [0, C_in * kH * kW) = [0, {filter_size})")
+
+
 def _output_size(size, k, stride, padding, dilation, transposed, output_padding) -> int:
     if transposed:
         return (size - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
@@ -113,6 +134,7 @@ def _output_size(size, k, stride, padding, dilation, transposed, output_padding)
 def _fake(x, values, columns, row_offsets, bias, kernel_size, stride, padding, dilation, transposed, output_padding,
           activation, negative_slope):
     _check_op_args(x, values, columns, row_offsets, bias, activation)
+    _check_geometry(kernel_size, stride, padding, dilation, transposed, output_padding)
     size = [_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d], transposed,
                          output_padding[d]) for d in range(2)]
     if min(size) <= 0:
