@@ -3,7 +3,7 @@
 Importing gansparse loads no compiled code, needs no compiler and never initialises CUDA; the
 compiled extension is loaded by the first op that runs on it.
 """
-from . import export, functional, masks, prune
+from . import export, functional, masks, metrics, prune
 from ._dispatch import IMPLS, BackendUnavailableError
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
 from .sparse import SparseConv2d, SparseConvTranspose2d, sparsify
@@ -24,6 +24,7 @@ __all__ = [
     "export",
     "functional",
     "masks",
+    "metrics",
     "profile",
     "profile_table",
     "prune",
