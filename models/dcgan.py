@@ -12,26 +12,36 @@ from the second on), a 4x4 conv to one channel and a sigmoid; no conv biases; re
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from gansparse import MaskedConv2d, MaskedConvTranspose2d
 from gansparse.masks import MASK_KINDS
 
 from .pix2pix import norm_layer
 
-__all__ = ["Discriminator", "Generator"]
+__all__ = ["Discriminator", "Generator", "check_latent", "check_positive_ints"]
 
 
-def _check_positive(**values) -> None:
+def check_positive_ints(**values) -> None:
     for name, value in values.items():
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_latent(z, *shapes: tuple[int, ...]) -> None:
+    """z must be a tensor [N, *shape] for one of `shapes`. Not checked while torch.fx traces the
+    model (gansparse.export does), when z is a proxy with no shape."""
+    if isinstance(z, fx.Proxy):
+        return
+    if not (isinstance(z, torch.Tensor) and any(tuple(z.shape[1:]) == shape for shape in shapes)):
+        expected = " or ".join(f"[N, {', '.join(map(str, shape))}]" for shape in shapes)
+        raise ValueError(f"z must be a tensor {expected}, got {getattr(z, 'shape', type(z).__name__)}")
+
+
 class Generator(nn.Module):
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, *, mask: str | None = None) -> None:
         super().__init__()
-        _check_positive(nz=nz, ngf=ngf, nc=nc)
+        check_positive_ints(nz=nz, ngf=ngf, nc=nc)
         if mask is not None and mask not in MASK_KINDS:
             raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
         self.nz = nz
@@ -45,18 +55,14 @@ class Generator(nn.Module):
         self.main = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if isinstance(z, torch.Tensor) and z.dim() == 2:
-            z = z[:, :, None, None]
-        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1:] != (self.nz, 1, 1):
-            raise ValueError(f"z must be a tensor [N, {self.nz}, 1, 1] or [N, {self.nz}], "
-                             f"got {getattr(z, 'shape', type(z).__name__)}")
-        return self.main(z)  # [N, nc, 64, 64]
+        check_latent(z, (self.nz, 1, 1), (self.nz,))
+        return self.main(z.view(-1, self.nz, 1, 1))  # [N, nc, 64, 64]
 
 
 class Discriminator(nn.Module):
     def __init__(self, nc: int = 3, ndf: int = 64) -> None:
         super().__init__()
-        _check_positive(nc=nc, ndf=ndf)
+        check_positive_ints(nc=nc, ndf=ndf)
         widths = [ndf, ndf * 2, ndf * 4, ndf * 8]
         layers = [MaskedConv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         for c_in, c_out in zip(widths, widths[1:]):

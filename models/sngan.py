@@ -24,15 +24,10 @@ from torch import nn
 from gansparse import MaskedConv2d
 from gansparse.masks import MASK_KINDS
 
+from .dcgan import check_latent, check_positive_ints
 from .pix2pix import norm_layer
 
 __all__ = ["DisBlock", "Discriminator", "GenBlock", "Generator", "OptimizedDisBlock"]
-
-
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        if not (isinstance(value, int) and value > 0):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _upsample(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +56,7 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim: int = 128, ch: int = 256, bottom_width: int = 4, *, mask: str | None = None) -> None:
         super().__init__()
-        _check_positive(z_dim=z_dim, ch=ch, bottom_width=bottom_width)
+        check_positive_ints(z_dim=z_dim, ch=ch, bottom_width=bottom_width)
         if mask is not None and mask not in MASK_KINDS:
             raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
         self.z_dim, self.ch, self.bottom_width = z_dim, ch, bottom_width
@@ -73,8 +68,7 @@ class Generator(nn.Module):
         self.c5 = MaskedConv2d(ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must be a tensor [N, {self.z_dim}], got {getattr(z, 'shape', type(z).__name__)}")
+        check_latent(z, (self.z_dim,))
         h = self.l1(z).view(-1, self.ch, self.bottom_width, self.bottom_width)  # [N, ch, 4, 4]
         h = self.block4(self.block3(self.block2(h)))  # [N, ch, 32, 32]
         return torch.tanh(self.c5(F.relu(self.b5(h))))
@@ -124,7 +118,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, ch: int = 128, in_channels: int = 3, *, spectral_norm: bool = True) -> None:
         super().__init__()
-        _check_positive(ch=ch, in_channels=in_channels)
+        check_positive_ints(ch=ch, in_channels=in_channels)
         self.block1 = OptimizedDisBlock(in_channels, ch, spectral_norm)
         self.block2 = DisBlock(ch, ch, downsample=True, sn=spectral_norm)
         self.block3 = DisBlock(ch, ch, sn=spectral_norm)

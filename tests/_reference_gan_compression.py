@@ -9,6 +9,9 @@ description with plain torch.nn. The oracle for models/mobile_resnet.py and mode
 
 Norm sizes here are always the layer's width (see models/mobile_resnet.py about the reference's
 sub-network quirk, which only parameter-free norms can run).
+
+Also the helpers the model-zoo tests of this family share: randomise_ (non-trivial weights) and
+random_hard_masks_ (random 0/1 channel masks for export).
 """
 import torch
 import torch.nn.functional as F
@@ -165,4 +168,15 @@ def randomise_(model: nn.Module) -> nn.Module:
             if t.is_floating_point():
                 positive = name.endswith(("running_var", "weight")) and t.dim() == 1
                 t.copy_(torch.rand_like(t) + 0.5 if positive else torch.randn_like(t) * 0.2)
+    return model
+
+
+def random_hard_masks_(model: nn.Module, sparsity: float, generator: torch.Generator) -> nn.Module:
+    """Replace every mask of `model` by a 0/1 mask zeroing each channel with probability `sparsity`."""
+    from gansparse.masks import HardMask, named_masks
+
+    for name, mask in list(named_masks(model)):
+        channels = mask.values().numel()
+        values = (torch.rand(channels, generator=generator) >= sparsity).float()
+        setattr(model.get_submodule(name.rpartition(".")[0]), "mask", HardMask(channels, values))
     return model

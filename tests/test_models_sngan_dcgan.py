@@ -10,8 +10,8 @@ from torch import nn
 from torchprofile import profile_macs
 
 import _reference_sngan_dcgan as reference
-from _reference_gan_compression import randomise_
-from gansparse import profile
+from _reference_gan_compression import random_hard_masks_, randomise_
+from gansparse import export, profile
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import dcgan, load_reference_state_dict, sngan
 
@@ -123,9 +123,21 @@ def test_a_zero_mask_zeroes_the_sngan_hidden_channels():
     assert torch.all(hidden[0][:, :3] == 0) and torch.all(hidden[0][:, 3:].abs().sum((0, 2, 3)) > 0)
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.7])
+@pytest.mark.parametrize("make, z", [
+    (lambda: sngan.Generator(16, 8, mask="hard"), torch.randn(2, 16)),
+    (lambda: dcgan.Generator(10, 4, mask="hard"), torch.randn(2, 10, 1, 1)),
+], ids=["sngan", "dcgan"])
+def test_export_removes_the_masked_channels_and_keeps_the_outputs(make, z, sparsity):
+    masked = random_hard_masks_(randomise_(make()), sparsity, torch.Generator().manual_seed(3)).eval()
+    compact = export.compact(masked, z)
+    assert export.check_equivalence(masked, compact, z) <= 1e-5
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: sngan.Generator(16, 8)(torch.randn(2, 17)), r"z must be a tensor \[N, 16\]"),
-    (lambda: dcgan.Generator(10, 4)(torch.randn(2, 10, 2, 2)), r"z must be a tensor \[N, 10, 1, 1\]"),
+    (lambda: dcgan.Generator(10, 4)(torch.randn(2, 10, 2, 2)), r"z must be a tensor \[N, 10, 1, 1\] or \[N, 10\]"),
     (lambda: sngan.Generator(ch=0), "ch must be a positive int"),
     (lambda: dcgan.Generator(mask="l1"), "mask must be None or one of"),
     (lambda: dcgan.Discriminator(ndf=2.5), "ndf must be a positive int"),
