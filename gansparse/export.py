@@ -10,7 +10,8 @@ values (1 once binarised, e.g. 0.7 for a sigmoid mask still training), and zeroe
 the compact model equals `pruned_reference(model)`, the model in eval mode with every mask frozen
 at those values (for binarised masks, the model itself), within float32 rounding (<= 1e-5). The
 surviving mask values are folded into the layer they scale: a conv's weight and bias, or a norm's
-affine. Exported models are for inference, so the analysis and the result use eval mode (batch
+affine. A gansparse.SparseConv2d / SparseConvTranspose2d becomes the plain conv with its pruned
+weights at 0 (plain torch has no sparse conv), and a filter pruned whole is a removed channel. Exported models are for inference, so the analysis and the result use eval mode (batch
 norms with their running statistics).
 
 What goes. A channel of a tensor is removed when nothing that reads it needs it: it is, for every
@@ -76,6 +77,7 @@ from torch import fx, nn
 
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
 from .masks import Mask, named_masks
+from .sparse import SparseConv2d, SparseConvTranspose2d
 
 __all__ = ["check_equivalence", "compact", "load", "pruned_reference", "save"]
 
@@ -144,7 +146,8 @@ def check_equivalence(masked_model: nn.Module, compact_model: nn.Module, *inputs
 
 # --- tracing ---------------------------------------------------------------------------------------
 
-_GANSPARSE_LEAVES = (MaskedConv2d, MaskedConvTranspose2d, MaskedConvNormAct, ConditionalBatchNorm2d)
+_GANSPARSE_LEAVES = (MaskedConv2d, MaskedConvTranspose2d, MaskedConvNormAct, ConditionalBatchNorm2d, SparseConv2d,
+                     SparseConvTranspose2d)
 
 
 class _Tracer(fx.Tracer):
@@ -238,6 +241,12 @@ def _channel_state(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tens
         return torch.zeros_like(first), torch.ones_like(first, dtype=torch.bool)
     spread = (flat - first[:, None]).abs().amax(1)
     return first.clone(), spread <= 1e-6 * (1 + first.abs())
+
+
+def _conv_weight(conv: nn.Module) -> torch.Tensor:
+    """The weight a conv computes with: a sparse conv's pruned weights are 0."""
+    weight = conv.masked_weight() if isinstance(conv, (SparseConv2d, SparseConvTranspose2d)) else conv.weight
+    return weight.detach()
 
 
 def _zero_padding_exact(conv: nn.Module) -> bool:
@@ -386,7 +395,10 @@ class _ChannelAnalysis(fx.Interpreter):
                 self.pin(self.flows.get(n.args[1]) if len(n.args) > 1 else None)
             exact = _zero_padding_exact(conv)
             self._consume(n, arg, flow, lambda v: (v == 0) | exact)
-            return self._new(1, out.shape[1], self._mask_zero(module, out.shape[1]))
+            # A filter of zeros outputs its bias everywhere (e.g. a filter pruned in a SparseConv2d).
+            out_dim = 1 if conv.transposed else 0
+            zero_filters = (_conv_weight(conv) == 0).transpose(0, out_dim).flatten(1).all(1).cpu()
+            return self._new(1, out.shape[1], zero_filters | self._mask_zero(module, out.shape[1]))
         if isinstance(module, nn.Linear):
             if flow is not None and flow.axis != out.dim() - 1:
                 self.pin(flow)
@@ -568,7 +580,7 @@ def _index(t: torch.Tensor | None, dim: int, keep: torch.Tensor | None) -> torch
 def _plain_conv(conv: nn.Module, keep_in, keep_out, input_values, scale) -> nn.Module:
     """A plain nn.Conv2d / nn.ConvTranspose2d computing scale[c] * conv(x)[c] for the kept output
     channels c from the kept input channels, the constants of the removed ones folded into the bias."""
-    weight = conv.weight.detach()  # conv [out, in / groups, kh, kw]; transposed [in, out / groups, kh, kw]
+    weight = _conv_weight(conv)  # conv [out, in / groups, kh, kw]; transposed [in, out / groups, kh, kw]
     bias = conv.bias.detach() if conv.bias is not None else None
     in_dim, out_dim = (0, 1) if conv.transposed else (1, 0)
     if keep_in is not None and input_values is not None:

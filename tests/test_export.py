@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from gansparse import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d, export
+from gansparse import (ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d, SparseConv2d,
+                       export)
 from gansparse.masks import DMADMask, HardMask, SigmoidMask, binarize_masks_, named_masks
 from gansparse.models import ResnetGenerator, UnetGenerator
 from gansparse.models.norms import ChannelMask
@@ -195,6 +196,19 @@ def test_parameter_counts_of_a_user_model():
     export.check_equivalence(model, compact, x)
     expected = (10 * 3 * 9 + 10) + (16 * 10 * 9 + 16) + (16 * 7 * 16 + 7) + (3 * 7 + 3)
     assert _n_params(compact) == expected
+
+
+def test_sparse_conv_with_pruned_filters():
+    conv = SparseConv2d(3, 8, 3, padding=1)
+    mask = (torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(7)) < 0.5).float()
+    mask[[2, 5]] = 0  # two filters pruned whole: their channels are relu(bias), constants
+    conv.set_mask_(mask)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Tanh())
+    x = torch.randn(2, 3, 8, 8)
+    compact = export.compact(model, x)
+    export.check_equivalence(model, compact, x)
+    _assert_plain(compact)
+    assert compact.get_submodule("0").out_channels == compact.get_submodule("2").in_channels == 6
 
 
 class _ConditionalNet(nn.Module):
