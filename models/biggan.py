@@ -63,10 +63,12 @@ SAGAN_128 = dict(G_ch=64, dim_z=128, G_shared=False, hier=False, resolution=128,
 # 4x4; D (in after the RGB input, out, downsampling).
 G_WIDTHS = {32: ([4, 4, 4], [4, 4, 4]),
             64: ([16, 16, 8, 4], [16, 8, 4, 2]),
-            128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1])}
+            128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1]),
+            256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1])}
 D_WIDTHS = {32: ([4, 4, 4], [4, 4, 4, 4], [True, True, False, False]),
             64: ([1, 2, 4, 8], [1, 2, 4, 8, 16], [True] * 4 + [False]),
-            128: ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False])}
+            128: ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False]),
+            256: ([1, 2, 4, 8, 8, 16], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False])}
 INITS = ("ortho", "N02", "glorot", "xavier")
 
 
@@ -397,7 +399,7 @@ class DBlock(nn.Module):
 
 
 def _check_options(resolution, attn: str, name: str, activation, kernel_size, kernel_name, init, init_name) -> None:
-    if resolution not in G_WIDTHS:
+    if resolution not in G_WIDTHS:  # the same resolutions as D_WIDTHS
         raise ValueError(f"resolution must be one of {tuple(G_WIDTHS)}, got {resolution!r}")
     if not (isinstance(attn, str) and all(part.isdigit() for part in attn.split("_"))):
         raise ValueError(f"{name} must be resolutions joined by '_' such as '64' or '32_64', got {attn!r}")

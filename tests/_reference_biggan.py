@@ -159,10 +159,11 @@ class DBlock(nn.Module):
 
 # (in multipliers, out multipliers) of the blocks, and D's downsampling, per resolution
 G_CHANNELS = {32: ([4, 4, 4], [4, 4, 4]), 64: ([16, 16, 8, 4], [16, 8, 4, 2]),
-              128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1])}
+              128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1]), 256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1])}
 D_CHANNELS = {32: ([4, 4, 4], [4, 4, 4, 4], [True, True, False, False]),
               64: ([1, 2, 4, 8], [1, 2, 4, 8, 16], [True] * 4 + [False]),
-              128: ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False])}
+              128: ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False]),
+              256: ([1, 2, 4, 8, 8, 16], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False])}
 
 
 def _sn_layers(num_svs, num_itrs, eps):

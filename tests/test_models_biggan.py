@@ -1,0 +1,187 @@
+"""BigGAN / SA-GAN (models/biggan.py) against an independent re-implementation of
+ajbrock/BigGAN-PyTorch's layout (tests/_reference_biggan.py): same state_dict keys and shapes,
+same outputs, gradients and buffer updates once loaded with the reference's weights; the
+published parameter counts and MACs; spectral norm; masks; input validation."""
+import inspect
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchprofile import profile_macs
+
+import _reference_biggan as reference
+import gansparse
+from gansparse.masks import HardMask, named_masks
+from gansparse.models import biggan
+
+N_CLASSES = 5
+# Small configurations covering every option of the layout: (constructor arguments).
+SMALL_G = [
+    dict(G_ch=4, dim_z=14, shared_dim=8, hier=True, resolution=32, G_attn="16", n_classes=N_CLASSES),  # BigGAN-like
+    dict(G_ch=2, dim_z=8, G_shared=False, resolution=64, G_attn="32", n_classes=N_CLASSES),  # SA-GAN-like
+    dict(G_ch=1, dim_z=8, shared_dim=6, resolution=128, G_attn="16", n_classes=N_CLASSES, num_G_SVs=2,
+         num_G_SV_itrs=2, BN_eps=1e-4, SN_eps=1e-6),
+    dict(G_ch=2, dim_z=6, G_shared=False, resolution=32, G_attn="8_32", n_classes=N_CLASSES, G_param="None"),
+]
+SMALL_D = [
+    dict(D_ch=4, resolution=32, D_attn="16", n_classes=N_CLASSES),
+    dict(D_ch=8, resolution=64, D_attn="32", n_classes=N_CLASSES, D_wide=False, output_dim=2),
+    dict(D_ch=8, resolution=128, D_attn="64", n_classes=N_CLASSES, num_D_SVs=2, num_D_SV_itrs=2),
+]
+
+
+def _id(kwargs):
+    return "-".join(f"{k}={v}" for k, v in kwargs.items() if k != "n_classes")
+
+
+def _randomise(model: nn.Module) -> None:
+    """Non-trivial weights and statistics (gamma too), so a swapped or mis-shaped tensor shows up."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("stored_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.3)
+
+
+def _reference_kwargs(kwargs):
+    """The arguments the reference re-implementation takes (ours also takes the training-only ones)."""
+    reference_class = reference.Generator if "G_ch" in kwargs else reference.Discriminator
+    accepted = inspect.signature(reference_class).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def _pair(ours_class, reference_class, kwargs):
+    """(reference, ours) in float64, ours loaded (strictly) with the reference's random weights."""
+    ref = reference_class(**_reference_kwargs(kwargs)).double()
+    ours = ours_class(**kwargs).double()
+    _randomise(ref)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _condition(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.shared(ids) if isinstance(model.shared, nn.Embedding) else ids
+
+
+def _compare(ref, ours, run):
+    """Same outputs and gradients in train mode (twice, so the updated u and statistics are used),
+    the same buffers afterwards, and the same outputs in eval mode. In float64; the gradients are
+    compared up to round-off relative to the largest one (the biases of convs followed by a batch
+    norm get gradients that are 0 up to round-off)."""
+    close = dict(rtol=1e-9, atol=1e-11)
+    for train in (True, True, False):
+        ref.train(train), ours.train(train)
+        want, got = run(ref), run(ours)
+        torch.testing.assert_close(got, want, **close)
+        upstream = torch.randn_like(want)
+        want.backward(upstream), got.backward(upstream)
+        ours_params = dict(ours.named_parameters())
+        scale = max(p.grad.abs().max().item() for p in ref.parameters())
+        for name, a in ref.named_parameters():
+            torch.testing.assert_close(ours_params[name].grad, a.grad, rtol=1e-9, atol=1e-10 * scale, msg=name)
+        ref.zero_grad(), ours.zero_grad()
+    ours_state = ours.state_dict()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours_state[key], value, **close, msg=key)
+
+
+@pytest.mark.parametrize("kwargs", SMALL_G, ids=[_id(k) for k in SMALL_G])
+def test_generator_matches_the_reference_layout(kwargs):
+    ref, ours = _pair(biggan.Generator, reference.Generator, kwargs)
+    z = torch.randn(2, ours.dim_z, dtype=torch.float64)
+    ids = torch.tensor([4, 2])
+    _compare(ref, ours, lambda g: g(z, _condition(g, ids)))
+    assert ours(z, _condition(ours, ids)).shape == (2, 3, kwargs["resolution"], kwargs["resolution"])
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_full_width_keys_and_shapes_at_every_resolution(resolution):
+    attention = "16" if resolution == 32 else "64"
+    with torch.device("meta"):
+        pairs = [(biggan.Generator(**dict(biggan.BIGGAN_128, resolution=resolution, G_attn=attention)),
+                  reference.Generator(**dict(biggan.BIGGAN_128, resolution=resolution, G_attn=attention))),
+                 (biggan.Discriminator(D_ch=96, resolution=resolution, D_attn=attention),
+                  reference.Discriminator(D_ch=96, resolution=resolution, D_attn=attention))]
+    for ours, ref in pairs:
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+            {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("kwargs", SMALL_D, ids=[_id(k) for k in SMALL_D])
+def test_discriminator_matches_the_reference_layout(kwargs):
+    ref, ours = _pair(biggan.Discriminator, reference.Discriminator, kwargs)
+    side = kwargs["resolution"]
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    ids = torch.tensor([1, 3])
+    _compare(ref, ours, lambda d: d(x, ids))
+    assert ours(x, ids).shape == (2, kwargs.get("output_dim", 1))
+
+
+def test_float32_generator_matches_the_reference():
+    ref, ours = _pair(biggan.Generator, reference.Generator, SMALL_G[0])
+    ref.float(), ours.float()
+    z, ids = torch.randn(2, ours.dim_z), torch.tensor([1, 2])
+    for train in (True, False):
+        ref.train(train), ours.train(train)
+        torch.testing.assert_close(ours(z, ref.shared(ids)), ref(z, ref.shared(ids)), rtol=1e-4, atol=1e-5)
+
+
+# --- published figures ------------------------------------------------------------------------
+
+ATTENTION_BLOCKS = 1  # both published generators have one attention block, at 64x64
+
+
+def _published(config):
+    with torch.device("meta"):
+        g = biggan.Generator(**config).eval()
+        z = torch.zeros(1, g.dim_z)
+        y = g.shared(torch.zeros(1, dtype=torch.long)) if g.G_shared else torch.zeros(1, dtype=torch.long)
+    return g, gansparse.profile(g, z, y)
+
+
+@pytest.mark.parametrize("config, params, giga_macs", [
+    (biggan.BIGGAN_128, 70_433_988, 21.34),
+    (biggan.SAGAN_128, 42_017_412, 9.61),
+], ids=["BigGAN-128", "SA-GAN-128"])
+def test_published_parameters_and_macs(config, params, giga_macs):
+    g, stats = _published(config)
+    assert stats["params"] == params
+    assert round(stats["macs"] / 1e9, 2) == giga_macs
+
+
+@pytest.mark.parametrize("config", [biggan.BIGGAN_128, biggan.SAGAN_128], ids=["BigGAN-128", "SA-GAN-128"])
+def test_macs_agree_with_torchprofile_on_the_reference(config):
+    """torchprofile traces the reference (its ops run, at full size); gansparse.profile counts ours
+    on the meta device. torchprofile also counts the traced shape arithmetic of each attention
+    block (x.shape[2] * x.shape[3], three times) as one MAC per multiplication; nothing else differs,
+    spectral norm's power iterations included."""
+    _, stats = _published(config)
+    ref = reference.Generator(**config).eval()
+    z = torch.zeros(1, ref.chunk * 6 if ref.hier else config["dim_z"])
+    y = _condition(ref, torch.zeros(1, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchprofile warns about the ops it does not count
+        traced = profile_macs(ref, (z, y))
+    assert traced - stats["macs"] == 3 * ATTENTION_BLOCKS
+
+
+@pytest.mark.parametrize("kwargs", [SMALL_G[0], SMALL_G[1], SMALL_D[0], SMALL_D[1]],
+                         ids=["G-shared-hier", "G-class-embeddings", "D-32", "D-64-narrow"])
+def test_small_model_macs_agree_with_torchprofile_on_the_reference(kwargs):
+    generator = "G_ch" in kwargs
+    ours = (biggan.Generator if generator else biggan.Discriminator)(**kwargs).eval()
+    ref = (reference.Generator if generator else reference.Discriminator)(**_reference_kwargs(kwargs)).eval()
+    ids = torch.tensor([0, 1])
+    if generator:
+        args = (torch.randn(2, ours.dim_z), _condition(ref, ids))
+    else:
+        args = (torch.randn(2, 3, kwargs["resolution"], kwargs["resolution"]), ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = profile_macs(ref, args)
+    attention_blocks = sum(isinstance(m, biggan.Attention) for m in ours.modules())
+    assert traced - gansparse.profile(ours, *args)["macs"] == 3 * attention_blocks
