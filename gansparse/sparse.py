@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import functional as GF
-from .layers import _check_impl, _conv_arguments
+from .layers import MaskedConv2d, MaskedConvTranspose2d, _check_impl, _conv_arguments
 from .ops.sparse_conv import COMPILED_DTYPE, SparseWeight, compress
 
 # Without an example input, a layer runs the sparse kernel at or below this weight density.
@@ -222,11 +222,13 @@ SPARSE_LAYERS = (SparseConv2d, SparseConvTranspose2d)
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replaces, in place, every plain nn.Conv2d and nn.ConvTranspose2d of `model` (the exact
-    classes, not subclasses) by the sparse layer sharing its parameters, its mask keeping the
-    nonzero weights. Returns the model (the new layer when `model` itself is a conv)."""
-    replacements = {nn.Conv2d: SparseConv2d, nn.ConvTranspose2d: SparseConvTranspose2d}
-    if type(model) in replacements:
+    """Replaces, in place, every plain conv of `model` by the sparse layer sharing its parameters,
+    its mask keeping the nonzero weights: nn.Conv2d and nn.ConvTranspose2d (the exact classes, not
+    other subclasses) and gansparse's MaskedConv2d / MaskedConvTranspose2d without a channel mask,
+    which compute the same. Returns the model (the new layer when `model` itself is a conv)."""
+    replacements = {nn.Conv2d: SparseConv2d, nn.ConvTranspose2d: SparseConvTranspose2d,
+                    MaskedConv2d: SparseConv2d, MaskedConvTranspose2d: SparseConvTranspose2d}
+    if type(model) in replacements and getattr(model, "mask", None) is None:
         return replacements[type(model)].from_conv(model)
     for name, child in model.named_children():
         setattr(model, name, convert(child))

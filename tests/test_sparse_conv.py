@@ -139,7 +139,8 @@ assert _ext.extension().cpu_isa == "default"
 torch.manual_seed(0)
 for transposed, stride in ((False, 1), (False, 2), (True, 2)):
     x = torch.randn(2, 5, 9, 70)
-    w = torch.randn(5, 6, 3, 3) * (torch.rand(5, 6, 3, 3) < 0.3)
+    shape = (5, 6, 3, 3) if transposed else (6, 5, 3, 3)
+    w = torch.randn(shape) * (torch.rand(shape) < 0.3)
     args = dict(stride=stride, padding=1, transposed=transposed, output_padding=stride - 1 if transposed else 0)
     with torch.no_grad():
         out = sparse_conv2d(x, w, None, impl="cpu", **args)
@@ -167,8 +168,9 @@ def test_compress_round_trips():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_gradcheck_ref(transposed):
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64) * (torch.rand(4, 3, 3, 3) < 0.5)
+    x = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    shape = (2, 3, 3, 3) if transposed else (3, 2, 3, 3)
+    weight = torch.randn(shape, dtype=torch.float64) * (torch.rand(shape) < 0.5)
     sparse = compress(weight, transposed=transposed)
     values = sparse.values.clone().requires_grad_()
     bias = torch.randn(sparse.out_channels, dtype=torch.float64, requires_grad=True)
@@ -177,7 +179,7 @@ def test_gradcheck_ref(transposed):
         return sparse_conv2d_ref(x, values, sparse.columns, sparse.row_offsets, bias, (3, 3), (2, 2), (1, 1),
                                  (1, 1), transposed, (1, 1) if transposed else (0, 0), "leaky_relu", 0.2)
 
-    assert torch.autograd.gradcheck(f, (x, values, bias))
+    assert torch.autograd.gradcheck(f, (x, values, bias), fast_mode=True)
 
 
 # --- the layers ----------------------------------------------------------------------------------
@@ -305,7 +307,7 @@ BAD_OP_CALLS = [
     (with_arg(0, torch.randn(2, 3, 6)), "x must be a 4-D"),
     (with_arg(0, torch.randn(2, 3, 6, 5, dtype=torch.float64)), "x must be float32"),
     (with_arg(0, torch.randn(0, 3, 6, 5)), "x must not be empty"),
-    (with_arg(0, torch.randn(2, 5, 6, 5)), "columns must lie in"),
+    (with_arg(0, torch.randn(2, 2, 6, 5)), "columns must lie in"),
     (with_arg(1, torch.randn(3)), "columns must have one entry per value"),
     (with_arg(2, torch.zeros(5, dtype=torch.int64)), "columns must have dtype Int"),
     (with_arg(3, torch.tensor([0, 3, 2, 5, 5], dtype=torch.int32)), "row_offsets must"),
