@@ -133,10 +133,10 @@ class SuperBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = _check_input(self, x, self.num_features)
         args = norm_arguments(self, None, x.shape[0])  # advances num_batches_tracked as nn.BatchNorm2d
-        first = lambda t: None if t is None else t[:c]  # noqa: E731
         # A slice of a 1-dim buffer is a view: batch_norm updates the first running statistics in place.
-        return F.batch_norm(x, first(args["running_mean"]), first(args["running_var"]), first(args["gamma"]),
-                            first(args["beta"]), args["training"], args["momentum"], args["eps"])
+        mean, var, gamma, beta = (None if t is None else t[:c] for t in
+                                  (args["running_mean"], args["running_var"], args["gamma"], args["beta"]))
+        return F.batch_norm(x, mean, var, gamma, beta, args["training"], args["momentum"], args["eps"])
 
 
 class SuperInstanceNorm2d(nn.InstanceNorm2d):
