@@ -124,7 +124,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, *, window_si
     var_y = blur(y * y) - mean_y ** 2
     cov = blur(x * y) - mean_x * mean_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    similarity = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    luminance = (2 * mean_x * mean_y + c1) / (mean_x ** 2 + mean_y ** 2 + c1)
+    structure = (2 * cov + c2) / (var_x + var_y + c2)  # contrast and structure together
+    similarity = luminance * structure
     return _reduce(similarity.flatten(1).mean(1), reduction, "ssim")
 
 
