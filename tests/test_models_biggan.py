@@ -185,3 +185,138 @@ def test_small_model_macs_agree_with_torchprofile_on_the_reference(kwargs):
         traced = profile_macs(ref, args)
     attention_blocks = sum(isinstance(m, biggan.Attention) for m in ours.modules())
     assert traced - gansparse.profile(ours, *args)["macs"] == 3 * attention_blocks
+
+
+# --- spectral norm ----------------------------------------------------------------------------
+
+
+def test_spectral_norm_finds_the_largest_singular_value_and_updates_u_only_in_training():
+    layer = biggan.SNConv2d(6, 5, 3, padding=1).double()
+    for _ in range(60):  # each call in training runs one more power iteration
+        weight = layer.spectral_weight()
+    sigma = torch.linalg.matrix_norm(layer.weight.view(5, -1), ord=2)
+    torch.testing.assert_close(layer.sv0, sigma.view(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.linalg.matrix_norm(weight.view(5, -1), ord=2), torch.ones((), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    layer.eval()
+    u, sv = layer.u0.clone(), layer.sv0.clone()
+    layer(torch.randn(1, 6, 4, 4, dtype=torch.float64))
+    assert torch.equal(layer.u0, u) and torch.equal(layer.sv0, sv)
+
+
+@pytest.mark.parametrize("num_svs, num_itrs", [(1, 1), (3, 2)])
+def test_power_iteration_macs_are_what_the_profiler_counts(num_svs, num_itrs):
+    """SNLinear runs its power iteration in plain torch ops, which gansparse.profile counts one by
+    one; power_iteration_macs (used where a fused layer counts itself) must say the same."""
+    layer = biggan.SNLinear(7, 5, num_svs=num_svs, num_itrs=num_itrs)
+    stats = gansparse.profile(layer, torch.randn(2, 7))
+    assert stats["macs"] == 2 * 7 * 5 + layer.power_iteration_macs()
+
+
+def test_fold_spectral_norm_keeps_the_eval_outputs():
+    g = biggan.Generator(**SMALL_G[0], mask="sigmoid").eval()
+    d = biggan.Discriminator(**SMALL_D[0]).eval()
+    z, ids = torch.randn(2, g.dim_z), torch.tensor([1, 3])
+    x = torch.randn(2, 3, 32, 32)
+    want_g, want_d = g(z, g.shared(ids)), d(x, ids)
+    masks = [m for _, m in named_masks(g)]
+    for model in (biggan.fold_spectral_norm(g), biggan.fold_spectral_norm(d)):
+        assert not any(isinstance(m, biggan.SpectralNorm) for m in model.modules())
+        assert not any(key.rpartition(".")[2].startswith(("u", "sv")) for key in model.state_dict())
+    assert [m for _, m in named_masks(g)] == masks
+    assert isinstance(g.blocks[0][0].conv1, gansparse.MaskedConv2d) and g.training is False
+    torch.testing.assert_close(g(z, g.shared(ids)), want_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d(x, ids), want_d, rtol=1e-5, atol=1e-5)
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def test_masks_sit_after_the_second_cbn_of_every_block_and_add_keys_only():
+    plain = biggan.Generator(**SMALL_G[0])
+    masked = biggan.Generator(**SMALL_G[0], mask="hard")
+    assert [name for name, _ in named_masks(masked)] == [f"blocks.{i}.0.bn2.mask" for i in range(3)]
+    _randomise(plain)
+    result = masked.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys
+    assert all(".bn2.mask." in key for key in result.missing_keys)
+    z, y = torch.randn(2, plain.dim_z), plain.shared(torch.tensor([0, 4]))
+    for train in (True, False):  # all-ones masks change nothing (training updates both alike)
+        plain.train(train), masked.train(train)
+        torch.testing.assert_close(masked(z, y), plain(z, y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_zero_mask_zeroes_its_channels_before_the_relu_and_masks_learn():
+    g = biggan.Generator(**SMALL_G[1], mask="sigmoid")
+    block = g.blocks[0][0]
+    channels = block.bn2.num_features
+    values = torch.ones(channels)
+    values[:3] = 0
+    block.bn2.mask = HardMask(channels, values)
+    seen = {}
+    block.conv2.register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))
+    out = g(torch.randn(2, g.dim_z), torch.tensor([0, 2]))
+    assert torch.all(seen["h"][:, :3] == 0) and torch.all(seen["h"][:, 3:].abs().sum((0, 2, 3)) > 0)
+    out.square().mean().backward()
+    for name, mask in named_masks(g):
+        if name != "blocks.0.0.bn2.mask":
+            assert mask.logits.grad is not None and mask.logits.grad.abs().sum() > 0, name
+
+
+# --- arguments and inputs -----------------------------------------------------------------------
+
+
+def test_training_only_keywords_are_accepted_and_init_follows_G_init():
+    g = biggan.Generator(**SMALL_G[1], G_lr=1e-4, G_B1=0.0, G_B2=0.999, adam_eps=1e-6, G_mixed_precision=False,
+                         G_fp16=False, no_optim=True, G_init="ortho")
+    w = g.blocks[0][0].conv1.weight.view(g.blocks[0][0].conv1.out_channels, -1)  # [out, in * 9], out < in * 9
+    torch.testing.assert_close(w @ w.t(), torch.eye(w.shape[0]), rtol=0, atol=1e-5)
+    biggan.Discriminator(**SMALL_D[0], D_lr=1e-4, D_B1=0.0, D_B2=0.999, adam_eps=1e-6, D_mixed_precision=False,
+                         D_fp16=False, D_init="N02")
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_batch_size=8), TypeError, "unexpected keyword argument"),
+    (lambda: biggan.Discriminator(D_ch=4, resolution=32, D_attn="16", G_ch=4), TypeError, "unexpected keyword"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, cross_replica=True), ValueError, "cross_replica=True is not"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, mybn=True), ValueError, "mybn=True is not supported"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, norm_style="in"), ValueError, "norm_style must be 'bn'"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_param="SVD"), ValueError, "G_param must be"),
+    (lambda: biggan.Generator(G_ch=4, resolution=48), ValueError, "resolution must be one of"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_attn="sixty"), ValueError, "G_attn must be resolutions"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_activation=nn.LeakyReLU()), ValueError,
+     "G_activation must be an nn.ReLU"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_kernel_size=5), ValueError, "G_kernel_size must be 3"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_init="kaiming"), ValueError, "G_init must be one of"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, mask="l1"), ValueError, "mask must be None or one of"),
+    (lambda: biggan.Generator(G_ch=4, dim_z=3, resolution=32, hier=True), ValueError, "dim_z must be at least 4"),
+    (lambda: biggan.Generator(G_ch=1, resolution=32, G_attn="32"), ValueError, "ch must be an int >= 8"),
+    (lambda: biggan.Discriminator(D_ch=4, resolution=32, D_param="None"), ValueError, "D_param must be 'SN'"),
+    (lambda: biggan.SNLinear(3, 4, num_svs=0), ValueError, "num_svs must be an int >= 1"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_options_are_named(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+SHARED = biggan.Generator(**SMALL_G[0], skip_init=True)  # shared_dim 8, dim_z 12
+CLASS_IDS = biggan.Generator(**SMALL_G[1], skip_init=True)  # dim_z 8, class ids in [0, 5)
+D32 = biggan.Discriminator(**SMALL_D[0], skip_init=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: SHARED(torch.randn(2, 13), torch.randn(2, 8)), r"z must be a floating-point tensor \[N, dim_z=12\]"),
+    (lambda: SHARED(torch.ones(2, 12, dtype=torch.long), torch.randn(2, 8)), "z must be a floating-point"),
+    (lambda: SHARED(torch.randn(2, 12), torch.tensor([0, 1])), r"y must be G.shared\(class ids\)"),
+    (lambda: SHARED(torch.randn(2, 12), torch.randn(3, 8)), "y has 3 samples but z has 2"),
+    (lambda: CLASS_IDS(torch.randn(2, 8), torch.randn(2, 8)), "y must be class ids"),
+    (lambda: CLASS_IDS(torch.randn(2, 8), torch.tensor([0, 5])), r"class ids in \[0, 5\), got values in \[0, 5\]"),
+    (lambda: CLASS_IDS(torch.randn(2, 8), torch.tensor([-1, 2])), r"class ids in \[0, 5\)"),
+    (lambda: D32(torch.randn(2, 3, 64, 64), torch.tensor([0, 1])), r"x must be images \[N, 3, 32, 32\]"),
+    (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([0, 7])), r"class ids in \[0, 5\)"),
+    (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([[0, 1]])), "y must be class ids"),
+    (lambda: SHARED.blocks[0][0].bn1(torch.randn(2, 15, 4, 4), torch.randn(2, 11)), r"x must be a tensor \[N, 16"),
+], ids=range(11))
+def test_bad_inputs_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
