@@ -15,9 +15,8 @@ import torch
 from torch import fx, nn
 
 from gansparse import MaskedConv2d, MaskedConvTranspose2d
-from gansparse.masks import MASK_KINDS
 
-from .pix2pix import norm_layer
+from .pix2pix import _check_options, norm_layer
 
 __all__ = ["Discriminator", "Generator", "check_latent", "check_positive_ints"]
 
@@ -42,8 +41,7 @@ class Generator(nn.Module):
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, *, mask: str | None = None) -> None:
         super().__init__()
         check_positive_ints(nz=nz, ngf=ngf, nc=nc)
-        if mask is not None and mask not in MASK_KINDS:
-            raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
+        _check_options("batch", mask)
         self.nz = nz
         widths = [ngf * 8, ngf * 4, ngf * 2, ngf]
         layers = [MaskedConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False), norm_layer("batch", widths[0], mask),
@@ -56,7 +54,7 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         check_latent(z, (self.nz, 1, 1), (self.nz,))
-        return self.main(z.view(-1, self.nz, 1, 1))  # [N, nc, 64, 64]
+        return self.main(z.reshape(-1, self.nz, 1, 1))  # [N, nc, 64, 64]
 
 
 class Discriminator(nn.Module):

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gansparse import MaskedConv2d
-from gansparse.masks import MASK_KINDS
 
 from .dcgan import check_latent, check_positive_ints
-from .pix2pix import norm_layer
+from .pix2pix import _check_options, norm_layer
 
 __all__ = ["DisBlock", "Discriminator", "GenBlock", "Generator", "OptimizedDisBlock"]
 
@@ -57,8 +56,7 @@ class Generator(nn.Module):
     def __init__(self, z_dim: int = 128, ch: int = 256, bottom_width: int = 4, *, mask: str | None = None) -> None:
         super().__init__()
         check_positive_ints(z_dim=z_dim, ch=ch, bottom_width=bottom_width)
-        if mask is not None and mask not in MASK_KINDS:
-            raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
+        _check_options("batch", mask)
         self.z_dim, self.ch, self.bottom_width = z_dim, ch, bottom_width
         self.l1 = nn.Linear(z_dim, bottom_width ** 2 * ch)
         self.block2 = GenBlock(ch, ch, mask)
