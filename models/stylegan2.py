@@ -16,7 +16,8 @@ output channels of every StyledConv, after its activation, as the content-aware 
 (l1-out, Sec. 3.2). A masked channel outputs exactly 0, and the convs that read it (the next
 StyledConv and the ToRGB) multiply its style by the mask too, so it also drops out of their weight
 demodulation: with binary masks, the generator computes what the generator with those channels
-physically removed computes. Masks only add `*.mask.*` keys.
+physically removed computes, provided the narrower ToRGBs (which do not demodulate) keep the
+original 1/sqrt(fan_in) weight scale. Masks only add `*.mask.*` keys.
 
 MACs (gansparse.profile): modules count themselves through `profile_macs`, in the convention of
 the content-aware paper's released FLOPs count (45.1G for the 256px generator, with

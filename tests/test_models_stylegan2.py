@@ -117,3 +117,152 @@ def test_full_size_state_dict_keys_match_the_reference():
         for size in (256, 1024):
             assert _shapes(stylegan2.Generator(size, 512, 8)) == _shapes(reference.Generator(size, 512, 8))
         assert _shapes(stylegan2.Discriminator(256)) == _shapes(reference.Discriminator(256))
+
+
+def test_compiled_and_reference_ops_give_the_same_images(monkeypatch):
+    g = stylegan2.Generator(**SMALL_G)
+    _randomise(g)
+    z = [torch.randn(2, 16)]
+    monkeypatch.setenv("GANSPARSE_IMPL", "cpu")
+    compiled, _ = g(z, randomize_noise=False)
+    monkeypatch.setenv("GANSPARSE_IMPL", "ref")
+    eager, _ = g(z, randomize_noise=False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# --- MACs: the content-aware paper's count --------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, published", [(256, 45_124_673_536), (1024, 74_266_894_336)])
+def test_macs_reproduce_the_content_aware_paper(size, published):
+    """The paper's 45.1B (256px) and 74.3B (1024px) FLOPs, exactly as its released counter
+    (Util/Calculators.py) gives them: channel_multiplier 2, style_dim 512, n_mlp 8, batch 1; the
+    modulated convs counted as convs (the upsampling ones on their input side), plus the ToRGB
+    1x1 convs, the mapping network and the style linears."""
+    with torch.device("meta"):
+        g = stylegan2.Generator(size, 512, 8, channel_multiplier=2)
+        stats = gansparse.profile(g, [torch.zeros(1, 512)], transposed="input")
+    weight_layers = sum(row["macs"] for row in stats["layers"]
+                        if row["type"] in ("StyledConv", "ModulatedConv2d", "EqualLinear"))
+    assert weight_layers == published
+    # The rest of the total is the PixelNorm's 2 x 512 + 1 (the paper ignores it).
+    assert stats["macs"] - published == 513
+    assert f"{stats['macs'] / 1e9:.1f}" == f"{published / 1e9:.1f}"
+    # transposed='output' (torchprofile's convention) counts the upsampling convs on their output.
+    assert gansparse.profile(g, [torch.zeros(1, 512, device="meta")])["macs"] > 1.8 * published
+
+
+# --- channel masks --------------------------------------------------------------------------------
+
+
+def test_all_ones_masks_change_nothing():
+    ref, _ = _pair(**SMALL_G)
+    masked = stylegan2.Generator(**SMALL_G, mask="hard")
+    missing, unexpected = masked.load_state_dict(ref.state_dict(), strict=False)
+    assert not unexpected and missing and all(".mask." in k for k in missing)
+    z = [torch.randn(2, 16)]
+    torch.testing.assert_close(masked(z, randomize_noise=False)[0], ref(z, randomize_noise=False)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def _styled_convs(g):
+    return [g.conv1, *g.convs]
+
+
+def test_masks_equal_removing_the_channels():
+    """A generator with binary masks computes what the generator with those channels physically
+    removed computes: the masked channels output 0 and leave the next layers' demodulation."""
+    widths = {4: 8, 8: 8, 16: 6}
+    g = stylegan2.Generator(16, 16, 2, channels=widths, mask="hard")
+    _randomise(g)
+    # conv1 keeps all (its width is the constant input's); the others keep 5 of 8 and 4 of 6, each
+    # StyledConv its own channels.
+    keeps = [torch.arange(8)] + [torch.randperm(widths[2 ** (3 + i // 2)])[:(5, 4)[i // 2]].sort().values
+                                 for i in range(len(g.convs))]
+    for conv, keep in zip(_styled_convs(g), keeps):
+        values = torch.zeros(conv.mask.channels)
+        values[keep] = 1
+        conv.mask = HardMask(conv.mask.channels, values)
+    compact = stylegan2.Generator(16, 16, 2, channels={4: 8, 8: 5, 16: 4})
+    state = {k: v for k, v in g.state_dict().items() if ".mask." not in k}
+    for i, (conv, keep) in enumerate(zip(_styled_convs(compact), keeps)):
+        name = "conv1" if i == 0 else f"convs.{i - 1}"
+        keep_in = keeps[i - 1] if i > 0 else torch.arange(8)
+        state[f"{name}.conv.weight"] = state[f"{name}.conv.weight"][:, keep][:, :, keep_in]
+        for p in ("weight", "bias"):
+            state[f"{name}.conv.modulation.{p}"] = state[f"{name}.conv.modulation.{p}"][keep_in]
+        state[f"{name}.activate.bias"] = state[f"{name}.activate.bias"][keep]
+    for j, keep in enumerate(keeps[2::2]):
+        # A narrower layer scales its weight by 1 / sqrt(its own fan-in) (equalised learning rate):
+        # the ToRGB, which does not demodulate, keeps the original scale by rescaling its weight.
+        rescale = (len(keep) / g.to_rgbs[j].conv.in_channel) ** 0.5
+        state[f"to_rgbs.{j}.conv.weight"] = state[f"to_rgbs.{j}.conv.weight"][:, :, keep] * rescale
+        for p in ("weight", "bias"):
+            state[f"to_rgbs.{j}.conv.modulation.{p}"] = state[f"to_rgbs.{j}.conv.modulation.{p}"][keep]
+    compact.load_state_dict(state)
+    z = [torch.randn(2, 16)]
+    masked_image, _ = g(z, randomize_noise=False)
+    torch.testing.assert_close(compact(z, randomize_noise=False)[0], masked_image, rtol=1e-5, atol=1e-5)
+    # And the masked channels are exactly 0 on the way.
+    out = g.conv1(g.input(torch.zeros(1, 1, 16)), torch.randn(1, 16))
+    masked_out = g.convs[0](out, torch.randn(1, 16))
+    assert (masked_out[:, g.convs[0].mask.values() == 0] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "dmad"])
+def test_trainable_masks_get_gradients(kind):
+    g = stylegan2.Generator(**SMALL_G, mask=kind)
+    image, _ = g([torch.randn(2, 16)])
+    image.square().mean().backward()
+    for conv in _styled_convs(g):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.mask.parameters())
+
+
+# --- checkpoints and bad input ----------------------------------------------------------------
+
+
+def test_load_rosinality_checkpoint(tmp_path):
+    g, d = stylegan2.Generator(**SMALL_G), stylegan2.Discriminator(32, channels=NARROW)
+    _randomise(g)
+    optim = torch.optim.Adam(g.parameters())
+    g([torch.randn(2, 16)])[0].mean().backward()
+    optim.step()
+    # What rosinality's train.py saves, argparse.Namespace included.
+    path = tmp_path / "010000.pt"
+    torch.save({"g": g.state_dict(), "d": d.state_dict(), "g_ema": g.state_dict(), "g_optim": optim.state_dict(),
+                "d_optim": optim.state_dict(), "args": argparse.Namespace(size=32, latent=16), "ada_aug_p": 0.0}, path)
+    ckpt = load_rosinality_checkpoint(path)
+    assert ckpt["args"].size == 32
+    loaded = stylegan2.Generator(**SMALL_G)
+    loaded.load_state_dict(ckpt["g_ema"])
+    z = [torch.randn(1, 16)]
+    torch.testing.assert_close(loaded(z, randomize_noise=False)[0], g(z, randomize_noise=False)[0])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_load_rosinality_checkpoint_refuses_pickled_code_and_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no StyleGAN2 checkpoint at .*missing.pt"):
+        load_rosinality_checkpoint(tmp_path / "missing.pt")
+    path = tmp_path / "evil.pt"
+    torch.save({"g_ema": {}, "extra": _Payload()}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_rosinality_checkpoint(path)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: stylegan2.Generator(48, 16, 2), ValueError, "size must be a power of two"),
+    (lambda: stylegan2.Generator(32, 16, 2, channels={4: 8}), ValueError, "channels must map every resolution"),
+    (lambda: stylegan2.Generator(32, 16, 2, channels=NARROW, mask="l1"), ValueError, "mask must be None"),
+    (lambda: stylegan2.Discriminator(2048), ValueError, "size must be a power of two"),
+    (lambda: stylegan2.Generator(**SMALL_G)(torch.randn(2, 16)), TypeError, "styles must be a list"),
+    (lambda: stylegan2.Generator(**SMALL_G)([torch.randn(2, 16)], noise=[None]), ValueError, "noise must hold 7"),
+    (lambda: stylegan2.Discriminator(16, channels=NARROW)(torch.randn(6, 3, 16, 16)), ValueError,
+     "must be a multiple of the stddev group"),
+])
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
