@@ -205,7 +205,7 @@ class Preprocess:
                 corner = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
             else:
                 corner = spare_x // 2, spare_y // 2
-        # draw the flip even when unused, so a draw's crop does not depend on the flip setting
+        # drawn even when unused, so the choices drawn after it do not depend on the flip setting
         flip = bool(rng.random() < 0.5) and self.flip
         return {"corner": corner, "flip": flip}
 
