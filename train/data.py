@@ -398,7 +398,7 @@ def _grid(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _random_shapes(rng: np.random.Generator, count: int, size_range=(0.2, 0.36), spread=0.6) -> list[dict]:
+def _random_shapes(rng: np.random.Generator, count: int, size_range=(0.24, 0.42), spread=0.6) -> list[dict]:
     return [{"kind": int(rng.integers(len(SHAPES))), "x": float(rng.uniform(-spread, spread)),
              "y": float(rng.uniform(-spread, spread)), "size": float(rng.uniform(*size_range)),
              "angle": float(rng.uniform(0, 2 * math.pi))} for _ in range(count)]
