@@ -4,10 +4,10 @@ D.pth) load with no key remapping, and without masks every network computes what
 computes.
 
     G = Generator(**BIGGAN_128)                      # or SAGAN_128, or the reference's keywords
-    z = torch.randn(8, G.dim_z)
-    y = G.shared(torch.randint(0, 1000, (8,)))       # only with G_shared (BigGAN); else class ids
-    images = G(z, y)                                 # [8, 3, 128, 128] in [-1, 1]
-    logits = Discriminator(**BIGGAN_128_D)(images, classes)   # [8, 1]
+    G.load_state_dict(torch.load("G_ema.pth", weights_only=True))
+    ids = torch.randint(0, 1000, (8,))
+    images = G(torch.randn(8, G.dim_z), G.shared(ids))   # [8, 3, 128, 128]; SA-GAN: G(z, ids)
+    logits = Discriminator(D_ch=96)(images, ids)     # [8, 1]
 
 The interface is the reference's: G(z, y) takes y = G.shared(class ids), the shared class
 embedding, when G_shared (so callers can interpolate between classes), and the class ids
@@ -34,24 +34,33 @@ adds `blocks.<i>.0.bn2.mask.*` keys only. (PPCD-GAN's second mask, after conv2, 
 transition layer before the residual sum, which is not part of this layout; SNConv2d takes a
 `mask` for that use.) The norms run as gansparse's fused norm + mask + ReLU op.
 
-Not supported (a clear error): cross_replica and mybn batch norms, norm styles other than 'bn',
+Inference and export: fold_spectral_norm(model) bakes spectral norm into plain layers, in place;
+exportable(model) returns an eval-mode copy made of torch and gansparse layers only, which
+gansparse.export.compact(exportable(G), z, y) turns into a compact model without the masked
+channels (conv1's outputs, bn2's statistics and gain / bias rows, conv2's inputs).
+
+Resolutions 32, 64, 128 and 256, as the reference's tables. Not supported (a clear error):
+cross_replica and mybn batch norms, norm styles other than 'bn',
 activations other than ReLU, kernel sizes other than 3 (the reference ignores G_kernel_size and
 D_kernel_size: its convs are 3x3).
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from gansparse import functional as GF
-from gansparse import MaskedConv2d
+from gansparse import ConditionalBatchNorm2d, MaskedConv2d
 from gansparse.masks import MASK_KINDS, as_mask
 
+from .norms import ChannelMask, MaskedBatchNorm2d
+
 __all__ = ["Attention", "BatchNorm", "BIGGAN_128", "ClassConditionalBatchNorm", "DBlock", "Discriminator", "GBlock",
-           "Generator", "SAGAN_128", "SNConv2d", "SNEmbedding", "SNLinear", "fold_spectral_norm"]
+           "Generator", "SAGAN_128", "SNConv2d", "SNEmbedding", "SNLinear", "exportable", "fold_spectral_norm"]
 
 # The published configurations (BigGAN-PyTorch's launch scripts; PPCD-GAN's baselines).
 # BigGAN 128: 70,433,988 parameters in G. SA-GAN 128 as PPCD-GAN counts it (42,017,412 in G):
@@ -337,7 +346,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """y is ignored (the block sits in G's and D's block lists, which pass it)."""
         n, _, h, w = x.shape
-        if h % 2 or w % 2:
+        if not isinstance(x, fx.Proxy) and (h % 2 or w % 2):  # torch.fx tracing (export): no sizes
             raise ValueError(f"x must have even height and width (2x2 pooling), got {tuple(x.shape)}")
         theta = self.theta(x).view(n, self.ch // 8, h * w)
         phi = F.max_pool2d(self.phi(x), [2, 2]).view(n, self.ch // 8, h * w // 4)
@@ -515,6 +524,21 @@ class Generator(nn.Module):
             _init_weights(self, G_init)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, fx.Proxy):  # torch.fx tracing (export) passes proxies without shapes
+            self._check_inputs(z, y)
+        if self.hier:
+            zs = torch.split(z, self.z_chunk_size, 1)
+            z = zs[0]
+            ys = [torch.cat([y, zs[i]], 1) for i in range(1, self.num_slots)]
+        else:
+            ys = [y] * len(self.blocks)
+        h = self.linear(z).view(z.shape[0], -1, self.bottom_width, self.bottom_width)
+        for blocklist, y_block in zip(self.blocks, ys):
+            for block in blocklist:
+                h = block(h, y_block)
+        return torch.tanh(self.output_layer(h))
+
+    def _check_inputs(self, z, y) -> None:
         if not (isinstance(z, torch.Tensor) and z.dim() == 2 and z.shape[1] == self.dim_z and z.is_floating_point()):
             raise ValueError(f"z must be a floating-point tensor [N, dim_z={self.dim_z}], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
@@ -526,16 +550,6 @@ class Generator(nn.Module):
             _check_class_ids(y, "y", self.n_classes)
         if y.shape[0] != z.shape[0]:
             raise ValueError(f"y has {y.shape[0]} samples but z has {z.shape[0]}")
-        if self.hier:
-            z, *chunks = torch.split(z, self.z_chunk_size, 1)
-            ys = [torch.cat([y, chunk], 1) for chunk in chunks]
-        else:
-            ys = [y] * len(self.blocks)
-        h = self.linear(z).view(z.shape[0], -1, self.bottom_width, self.bottom_width)
-        for blocklist, y_block in zip(self.blocks, ys):
-            for block in blocklist:
-                h = block(h, y_block)
-        return torch.tanh(self.output_layer(h))
 
 
 # --- the discriminator ------------------------------------------------------------------------
@@ -567,7 +581,8 @@ class Discriminator(nn.Module):
         in_widths, out_widths = [3] + [D_ch * m for m in in_widths], [D_ch * m for m in out_widths]
         # Output resolution of each block, as the reference's table: every block halves the
         # resolution but the last; at 32 the table says 16 for all four.
-        resolutions = [16] * 4 if resolution == 32 else [resolution >> (i + 1) for i in range(len(out_widths) - 1)] + [4]
+        halvings = [resolution >> (i + 1) for i in range(len(out_widths) - 1)]
+        resolutions = [16] * 4 if resolution == 32 else halvings + [4]
         self.ch, self.resolution, self.n_classes = D_ch, resolution, n_classes
         self.activation = activation
         conv, linear = _sn_layers(num_D_SVs, num_D_SV_itrs, SN_eps)
@@ -585,15 +600,81 @@ class Discriminator(nn.Module):
             _init_weights(self, D_init)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        side = self.resolution
-        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[1:]) == (3, side, side)):
-            raise ValueError(f"x must be images [N, 3, {side}, {side}], got {getattr(x, 'shape', type(x).__name__)}")
-        _check_class_ids(y, "y", self.n_classes)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
+        if not isinstance(x, fx.Proxy):  # torch.fx tracing (export) passes proxies without shapes
+            self._check_inputs(x, y)
         h = x
         for blocklist in self.blocks:
             for block in blocklist:
                 h = block(h)
         h = torch.sum(self.activation(h), [2, 3])  # [N, C]
         return self.linear(h) + torch.sum(self.embed(y) * h, 1, keepdim=True)
+
+    def _check_inputs(self, x, y) -> None:
+        side = self.resolution
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[1:]) == (3, side, side)):
+            raise ValueError(f"x must be images [N, 3, {side}, {side}], got {getattr(x, 'shape', type(x).__name__)}")
+        _check_class_ids(y, "y", self.n_classes)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
+
+
+# --- inference and export -------------------------------------------------------------------
+
+
+class _NormThenMask(nn.Module):
+    """A ClassConditionalBatchNorm as gansparse layers: `norm` (a gansparse
+    ConditionalBatchNorm2d) then `mask` (a ChannelMask, or None), called as the original."""
+
+    def __init__(self, norm: ConditionalBatchNorm2d, mask: ChannelMask | None) -> None:
+        super().__init__()
+        self.norm, self.mask = norm, mask
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        h = self.norm(x, y)
+        h = self.mask(h) if self.mask is not None else h
+        return F.relu(h) if activation == "relu" else h
+
+
+@torch.no_grad()
+def _as_gansparse_norm(norm: ClassConditionalBatchNorm | BatchNorm) -> nn.Module:
+    """The same norm, statistics and mask as gansparse / torch layers."""
+    mask = norm.mask
+    if isinstance(norm, BatchNorm):
+        plain = (nn.BatchNorm2d(norm.num_features, norm.eps, norm.momentum) if mask is None
+                 else MaskedBatchNorm2d(norm.num_features, mask=mask, eps=norm.eps, momentum=norm.momentum))
+        plain.weight.copy_(norm.gain)
+        plain.bias.copy_(norm.bias)
+    elif isinstance(norm.gain, nn.Embedding):
+        # gansparse's embedding gains are the gains themselves: BigGAN's 1 + gain(y), precomputed.
+        plain = ConditionalBatchNorm2d(norm.num_features, num_classes=norm.cond_size, eps=norm.eps,
+                                       momentum=norm.momentum)
+        plain.gain.weight.copy_(1 + norm.gain.weight)
+        plain.bias.weight.copy_(norm.bias.weight)
+    else:
+        plain = ConditionalBatchNorm2d(norm.num_features, cond_dim=norm.cond_size, eps=norm.eps,
+                                       momentum=norm.momentum, linear=functools.partial(nn.Linear, bias=False))
+        plain.gain.weight.copy_(norm.gain.weight)
+        plain.bias.weight.copy_(norm.bias.weight)
+    plain.running_mean.copy_(norm.stored_mean)
+    plain.running_var.copy_(norm.stored_var)
+    if isinstance(norm, BatchNorm):
+        return plain.eval()
+    return _NormThenMask(plain, ChannelMask(norm.num_features, mask=mask) if mask is not None else None).eval()
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A copy of `model` (a Generator, Discriminator or any module holding their layers) in eval
+    mode, built from torch and gansparse layers only, for inference and gansparse.export.compact:
+    spectral norms folded (fold_spectral_norm), each ClassConditionalBatchNorm a gansparse
+    ConditionalBatchNorm2d followed by its mask as a ChannelMask, each BatchNorm an nn.BatchNorm2d
+    (a MaskedBatchNorm2d when masked), with the same parameters, statistics and masks. It computes
+    what `model` computes in eval mode.
+
+        compact = gansparse.export.compact(exportable(G), z, G.shared(y))
+    """
+    model = fold_spectral_norm(copy.deepcopy(model).eval())
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (ClassConditionalBatchNorm, BatchNorm)):
+                setattr(parent, name, _as_gansparse_norm(child))
+    return model

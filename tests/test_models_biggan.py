@@ -12,6 +12,7 @@ from torchprofile import profile_macs
 
 import _reference_biggan as reference
 import gansparse
+from gansparse import export
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import biggan
 
@@ -27,7 +28,7 @@ SMALL_G = [
 SMALL_D = [
     dict(D_ch=4, resolution=32, D_attn="16", n_classes=N_CLASSES),
     dict(D_ch=8, resolution=64, D_attn="32", n_classes=N_CLASSES, D_wide=False, output_dim=2),
-    dict(D_ch=8, resolution=128, D_attn="64", n_classes=N_CLASSES, num_D_SVs=2, num_D_SV_itrs=2),
+    dict(D_ch=4, resolution=64, D_attn="16", n_classes=N_CLASSES, num_D_SVs=2, num_D_SV_itrs=2),
 ]
 
 
@@ -261,6 +262,33 @@ def test_a_zero_mask_zeroes_its_channels_before_the_relu_and_masks_learn():
     for name, mask in named_masks(g):
         if name != "blocks.0.0.bn2.mask":
             assert mask.logits.grad is not None and mask.logits.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.8])
+@pytest.mark.parametrize("kwargs", [SMALL_G[0], SMALL_G[1]], ids=["shared-hier", "class-embeddings"])
+def test_export_removes_the_masked_channels_and_keeps_the_outputs(kwargs, sparsity):
+    g = biggan.Generator(**kwargs, mask="hard")
+    _randomise(g)
+    generator = torch.Generator().manual_seed(int(sparsity * 10))
+    kept = {}
+    for index, blocklist in enumerate(g.blocks):
+        bn2 = blocklist[0].bn2
+        channels = bn2.num_features
+        removed = min(max(round(sparsity * channels), 1), channels - 1)
+        values = torch.ones(channels)
+        values[torch.randperm(channels, generator=generator)[:removed]] = 0
+        bn2.mask = HardMask(channels, values)
+        kept[f"blocks.{index}.0"] = int(values.sum())
+    g.eval()
+    z, ids = torch.randn(2, g.dim_z), torch.tensor([1, 3])
+    want = g(z, _condition(g, ids))
+    plain = biggan.exportable(g)
+    torch.testing.assert_close(plain(z, _condition(plain, ids)), want, rtol=1e-5, atol=1e-6)
+    compact = export.compact(plain, z, _condition(plain, ids))
+    assert (compact(z, _condition(plain, ids)) - want).abs().max().item() <= 1e-5
+    for block, channels in kept.items():
+        conv1, conv2 = compact.get_submodule(f"{block}.conv1"), compact.get_submodule(f"{block}.conv2")
+        assert conv1.out_channels == conv2.in_channels == channels < g.get_submodule(f"{block}.conv1").out_channels
 
 
 # --- arguments and inputs -----------------------------------------------------------------------
