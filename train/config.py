@@ -99,7 +99,7 @@ OPTION_HELP: dict[str, str] = {
     "checkpoint_every": "steps between checkpoints (one is also written at each stage end)",
     "keep_checkpoints": "checkpoints kept (the newest)",
     "tensorboard": "write TensorBoard event files",
-    "eval": "measure the student (and teacher) at the end: size, MACs, CPU latency, quality",
+    "eval": "measure the quality of the student (and teacher) on the test split at the end",
     "eval_size": "test images used by the quality metrics",
     "eval_fidelity": "FID, IS and KID (torch-fidelity; needs the Inception weights)",
     "eval_lpips": "LPIPS against the teacher (needs the torchvision backbone weights)",

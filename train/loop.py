@@ -229,7 +229,7 @@ class _Trainer:
         self._write_samples()
         if cfg["export"]:
             _export(method, self.run_dir, self.log)
-        report = evaluate(method, cfg, self.log) if cfg["eval"] else {}
+        report = evaluate(method, cfg, self.log)
         report.update(method=cfg["method"], preset=cfg["preset"], steps=self.global_step, run_dir=str(self.run_dir))
         write_report(self.run_dir, report, self.history, self.sparsity_history)
         self.log(f"report: {self.run_dir / 'report.md'}")
@@ -406,38 +406,39 @@ def _export(method, run_dir: Path, log: _Log) -> Path:
 
 
 def evaluate(method, cfg: dict, log: _Log) -> dict:
-    """The report's measurements of the student and of the teacher (None when the method has none):
-    params, MACs and CPU latency of the final model (and of the teacher) at batch 1 and the
-    preset's resolution with latency_threads threads (gansparse.metrics.model_cost), and quality
-    on the first eval_size items of the test split (gansparse.metrics.evaluate_generator): PSNR
-    and SSIM against the ground truth of paired data, L1 / PSNR / SSIM / LPIPS against the
-    teacher's outputs, FID / IS / KID against the real target images. Measures whose weights are
-    missing are left out, with one warning naming the file."""
-    dataset = build_dataset(cfg, method.data_kind, "test")
-    count = min(cfg["eval_size"], len(dataset))
-    batches = [default_collate([dataset[i] for i in range(start, min(start + cfg["batch_size"], count))])
-               for start in range(0, count, cfg["batch_size"])]
-    keys = dict(target_key="B" if method.data_kind == "paired" else None,
-                real_key="B" if "B" in batches[0] else "image", lpips=cfg["eval_lpips"], fidelity=cfg["eval_fidelity"])
+    """The report's measurements. 'student' (the final model) and 'teacher' (None when the method
+    has none): params, MACs and CPU latency at batch 1 and the preset's resolution, with
+    latency_threads threads (gansparse.metrics.model_cost). With cfg['eval'], quality on the first
+    eval_size items of the test split (gansparse.metrics.evaluate_generator) in 'metrics' for the
+    student and teacher['metrics'] for the teacher: PSNR and SSIM against the ground truth of
+    paired data, L1 / PSNR / SSIM / LPIPS of the student against the teacher's outputs, FID / IS /
+    KID against the real target images. Measures whose weights are missing are left out, with one
+    warning naming the file."""
     teacher = method.teacher()
-    # Teachers are compared on image-to-image data, where their input is the batch's A.
-    run_teacher = (lambda batch: teacher(batch["A"].to(method.device))) if teacher and "A" in batches[0] else None
     inputs = tuple(x.cpu() for x in method.example_inputs(1))
     threads = cfg["latency_threads"]
-    devices = [method.device] if method.device.type == "cuda" else []
-    report = {}
-    with torch.random.fork_rng(devices=devices):
-        student = copy.deepcopy(method.final_model()).cpu()
-        report["student"] = {**metrics.model_cost(student, *inputs, threads=threads),
-                             "metrics": metrics.evaluate_generator(method.generate, batches, teacher=run_teacher, **keys)}
-        report["teacher"] = None
-        if teacher is not None:
-            quality = metrics.evaluate_generator(run_teacher, batches, **keys) if run_teacher else {}
-            report["teacher"] = {**metrics.model_cost(copy.deepcopy(teacher).cpu(), *inputs, threads=threads),
-                                 "metrics": quality}
-    for who in ("teacher", "student"):
-        if report[who] is not None:
-            log(f"{who}: " + ", ".join(f"{k}={v:.4g}" for k, v in report[who].items()
-                                       if isinstance(v, (int, float)))
-                + " | " + ", ".join(f"{k}={v:.4g}" for k, v in report[who]["metrics"].items()))
+    report = {"student": metrics.model_cost(copy.deepcopy(method.final_model()).cpu(), *inputs, threads=threads),
+              "teacher": None if teacher is None else metrics.model_cost(copy.deepcopy(teacher).cpu(), *inputs,
+                                                                         threads=threads),
+              "metrics": {}}
+    if cfg["eval"]:
+        dataset = build_dataset(cfg, method.data_kind, "test")
+        count = min(cfg["eval_size"], len(dataset))
+        batches = [default_collate([dataset[i] for i in range(start, min(start + cfg["batch_size"], count))])
+                   for start in range(0, count, cfg["batch_size"])]
+        options = dict(target_key="B" if method.data_kind == "paired" else None,
+                       real_key="B" if "B" in batches[0] else "image", lpips=cfg["eval_lpips"],
+                       fidelity=cfg["eval_fidelity"])
+        # Teachers are compared on image-to-image data, where their input is the batch's A.
+        run_teacher = (lambda batch: teacher(batch["A"].to(method.device))) if teacher and "A" in batches[0] else None
+        devices = [method.device] if method.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation must not move the RNG a resumed run restores
+            report["metrics"] = metrics.evaluate_generator(method.generate, batches, teacher=run_teacher, **options)
+            if run_teacher is not None:
+                report["teacher"]["metrics"] = metrics.evaluate_generator(run_teacher, batches, **options)
+    for who, entry, quality in (("teacher", report["teacher"], (report["teacher"] or {}).get("metrics", {})),
+                                ("student", report["student"], report["metrics"])):
+        if entry is not None:
+            log(f"{who}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if isinstance(v, (int, float)))
+                + "".join(f", {k}={v:.4g}" for k, v in quality.items()))
     return report

@@ -1,0 +1,140 @@
+"""The shared training loop on tiny dense runs: every output file, the report's fields, the EMA,
+gradient accumulation, LR schedules and the requires_grad toggling per part."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from gansparse import export
+from train import checkpoint, loop
+from train.config import resolve
+from train.methods import get_method
+from train.nets import build_generator
+from train.run import main
+
+Dense = get_method("dense")
+TINY = dict(device="cpu", netG="resnet_1blocks", ngf=4, ndf=4, crop_size=32, load_size=32, batch_size=2,
+            sample_every=1000, eval=False, export=False, tensorboard=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run faster on one thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, preset="smoke", **options) -> dict:
+    return resolve(Dense, preset, overrides={**TINY, "out": str(tmp_path), **options})
+
+
+def final_tensors(run_dir):
+    return checkpoint.load(checkpoint.latest(run_dir))[0]
+
+
+def test_a_tiny_dense_run_writes_every_output(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["--method", "dense", "--preset", "smoke", "--out", str(run_dir), "--device", "cpu",
+                 "--netG", "resnet_1blocks", "--ngf", "4", "--ndf", "4", "--crop_size", "32", "--batch_size", "2",
+                 "--steps", "4", "--log_every", "2", "--sample_every", "2", "--checkpoint_every", "1",
+                 "--keep_checkpoints", "2", "--eval_size", "4"]) == 0
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg == tiny_config(run_dir, steps=4, log_every=2, sample_every=2, checkpoint_every=1, keep_checkpoints=2,
+                              eval_size=4, eval=True, export=True, tensorboard=True)
+    log = (run_dir / "log.txt").read_text()
+    assert "step 2 (train 2/4) G_gan=" in log and "step 4 (train 4/4)" in log
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_00000002.png", "step_00000004.png"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step_00000003", "step_00000004"]
+    assert "plots/losses.png" in (run_dir / "report.md").read_text() and (run_dir / "plots" / "losses.png").is_file()
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["method"] == "dense" and report["steps"] == 4
+    assert report["teacher"] is None  # dense trains the teacher itself
+    student = report["student"]
+    G = build_generator(cfg)
+    assert student["params"] == sum(p.numel() for p in G.parameters())
+    assert student["macs"] > 0 and student["cpu_latency_ms"] > 0 and isinstance(report["metrics"], dict)
+
+    # The export is the trained G, as a plain model computing what G computes.
+    G.load_state_dict({k[2:]: v for k, v in final_tensors(run_dir).items() if k.startswith("G.")})
+    exported = export.load(run_dir / "export" / "generator.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), G.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pix2pix_is_evaluated_against_the_ground_truth(tmp_path):
+    cfg = tiny_config(tmp_path, "smoke_pix2pix", netG="unet_32", steps=2, eval=True, eval_size=4,
+                      eval_fidelity=False, eval_lpips=False)
+    report = loop.run(Dense, cfg)
+    assert report["teacher"] is None
+    assert set(report["metrics"]) == {"psnr", "ssim"}
+    assert json.loads((tmp_path / "report.json").read_text())["metrics"] == report["metrics"]
+
+
+def test_the_ema_follows_its_recursion(tmp_path):
+    decay = 0.75
+    loop.run(Dense, tiny_config(tmp_path, steps=3, ema=decay, checkpoint_every=1, keep_checkpoints=3,
+                                dropout=False))
+    states = [checkpoint.load(path)[0] for path in checkpoint.checkpoint_dirs(tmp_path)]  # steps 1, 2, 3
+    names = [k[len("ema.module."):] for k in states[0] if k.startswith("ema.module.")]
+    assert names and set(names) == {k[2:] for k in states[0] if k.startswith("G.")}
+    for name in names:
+        first, previous, last = (state[f"ema.module.{name}"] for state in states)
+        torch.testing.assert_close(first, states[0][f"G.{name}"])  # the first update copies G
+        torch.testing.assert_close(last, decay * previous + (1 - decay) * states[2][f"G.{name}"])
+    assert not torch.equal(states[2]["ema.module.model.1.weight"], states[2]["G.model.1.weight"])
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    # No norm, pool or dropout: every loss is a mean over samples, so two micro-batches of 2 give
+    # the gradients of one batch of 4. (A conv before an instance norm has a bias whose gradient
+    # is 0 up to rounding, which Adam's normalisation would blow up to +-lr.)
+    options = dict(batch_size=4, steps=2, pool_size=0, dropout=False, norm="none")
+    loop.run(Dense, tiny_config(tmp_path / "full", **options))
+    loop.run(Dense, tiny_config(tmp_path / "accumulated", accumulation=2, **options))
+    full, accumulated = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "accumulated")
+    assert full.keys() == accumulated.keys()
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+    # and a different split of the same data would not match: the comparison can fail
+    loop.run(Dense, tiny_config(tmp_path / "half", **{**options, "batch_size": 2}))
+    assert not torch.allclose(final_tensors(tmp_path / "half")["G.model.1.weight"], full["G.model.1.weight"])
+
+
+def test_lr_schedules():
+    def lrs(policy, steps=10, **options):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = loop.make_scheduler(optimizer, {**resolve(Dense), "lr_policy": policy, **options}, steps)
+        values = []
+        for _ in range(steps):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    # constant for the first half, then linearly down: 1 - (step - 5) / 6
+    assert lrs("linear", decay_start=0.5) == pytest.approx([1] * 6 + [5 / 6, 4 / 6, 3 / 6, 2 / 6])
+    assert lrs("step", lr_step_size=4, lr_gamma=0.5) == pytest.approx([1] * 4 + [0.5] * 4 + [0.25] * 2)
+    assert lrs("step", lr_step_size=0, lr_gamma=0.5)[2:4] == pytest.approx([1, 0.5])  # a third of the stage
+    assert lrs("constant") == [1.0] * 10
+
+
+def test_only_the_part_being_updated_requires_gradients():
+    method = Dense(resolve(Dense, "smoke", overrides={"ngf": 4, "ndf": 4}), torch.device("cpu"))
+    method.build()
+    optimizers = method.optimizers()
+    loop._train_only(method, optimizers["G"])
+    assert all(p.requires_grad for name in ("G", "G_inv") for p in method.nets[name].parameters())
+    assert not any(p.requires_grad for name in ("D", "D_inv") for p in method.nets[name].parameters())
+    batch = {"A": torch.randn(1, 3, 32, 32), "B": torch.randn(1, 3, 32, 32)}
+    method.loss("G", batch, 0)[0].backward()
+    assert all(p.grad is None for p in method.nets["D"].parameters())
+    loop._train_only(method, optimizers["D"])
+    assert not any(p.requires_grad for p in method.nets["G"].parameters())
+    assert all(p.requires_grad for p in method.nets["D"].parameters())
