@@ -481,6 +481,8 @@ class Generator(nn.Module):
             raise ValueError(f"G_param must be 'SN' (spectral norm) or 'None', got {G_param!r}")
         if mask is not None and mask not in MASK_KINDS:
             raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
+        if hier and not G_shared:
+            raise ValueError("hier=True needs G_shared=True: the z chunks are concatenated to the shared embedding")
         for name, value in (("G_ch", G_ch), ("dim_z", dim_z), ("bottom_width", bottom_width),
                             ("n_classes", n_classes)):
             if not (isinstance(value, int) and value > 0):
@@ -543,9 +545,11 @@ class Generator(nn.Module):
             raise ValueError(f"z must be a floating-point tensor [N, dim_z={self.dim_z}], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
         if self.G_shared:
-            if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[1] == self.shared_dim):
-                raise ValueError(f"y must be G.shared(class ids), a tensor [N, shared_dim={self.shared_dim}], got "
-                                 f"{getattr(y, 'shape', type(y).__name__)}")
+            if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[1] == self.shared_dim
+                    and y.is_floating_point()):
+                raise ValueError(f"y must be G.shared(class ids), a floating-point tensor [N, shared_dim="
+                                 f"{self.shared_dim}], got {getattr(y, 'dtype', type(y).__name__)} of shape "
+                                 f"{tuple(getattr(y, 'shape', ()))}")
         else:
             _check_class_ids(y, "y", self.n_classes)
         if y.shape[0] != z.shape[0]:

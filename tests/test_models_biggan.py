@@ -214,6 +214,23 @@ def test_power_iteration_macs_are_what_the_profiler_counts(num_svs, num_itrs):
     assert stats["macs"] == 2 * 7 * 5 + layer.power_iteration_macs()
 
 
+def test_a_masked_sn_conv_scales_its_output_channels_and_folds_with_its_mask():
+    conv = biggan.SNConv2d(4, 6, 3, padding=1, mask="sigmoid")
+    with torch.no_grad():
+        conv.mask.logits.copy_(torch.tensor([3.0, -2.0, 0.0, 0.5, -0.1, 1.0]))
+    values = conv.mask().detach()
+    plain = biggan.SNConv2d(4, 6, 3, padding=1)
+    plain.load_state_dict(conv.state_dict(), strict=False)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(x), plain(x) * values.view(1, 6, 1, 1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(conv.u0, plain.u0)  # both ran one training power iteration from the same u
+    conv.eval()
+    want = conv(x)
+    model = biggan.fold_spectral_norm(nn.Sequential(conv))
+    assert type(model[0]) is gansparse.MaskedConv2d and model[0].mask is conv.mask
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_fold_spectral_norm_keeps_the_eval_outputs():
     g = biggan.Generator(**SMALL_G[0], mask="sigmoid").eval()
     d = biggan.Discriminator(**SMALL_D[0]).eval()
@@ -319,6 +336,7 @@ def test_training_only_keywords_are_accepted_and_init_follows_G_init():
     (lambda: biggan.Generator(G_ch=4, resolution=32, mask="l1"), ValueError, "mask must be None or one of"),
     (lambda: biggan.Generator(G_ch=4, dim_z=3, resolution=32, hier=True), ValueError, "dim_z must be at least 4"),
     (lambda: biggan.Generator(G_ch=1, resolution=32, G_attn="32"), ValueError, "ch must be an int >= 8"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, G_shared=False, hier=True), ValueError, "hier=True needs G_sh"),
     (lambda: biggan.Discriminator(D_ch=4, resolution=32, D_param="None"), ValueError, "D_param must be 'SN'"),
     (lambda: biggan.SNLinear(3, 4, num_svs=0), ValueError, "num_svs must be an int >= 1"),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -336,6 +354,7 @@ D32 = biggan.Discriminator(**SMALL_D[0], skip_init=True)
     (lambda: SHARED(torch.randn(2, 13), torch.randn(2, 8)), r"z must be a floating-point tensor \[N, dim_z=12\]"),
     (lambda: SHARED(torch.ones(2, 12, dtype=torch.long), torch.randn(2, 8)), "z must be a floating-point"),
     (lambda: SHARED(torch.randn(2, 12), torch.tensor([0, 1])), r"y must be G.shared\(class ids\)"),
+    (lambda: SHARED(torch.randn(2, 12), torch.ones(2, 8, dtype=torch.long)), r"y must be G.shared\(class ids\)"),
     (lambda: SHARED(torch.randn(2, 12), torch.randn(3, 8)), "y has 3 samples but z has 2"),
     (lambda: CLASS_IDS(torch.randn(2, 8), torch.randn(2, 8)), "y must be class ids"),
     (lambda: CLASS_IDS(torch.randn(2, 8), torch.tensor([0, 5])), r"class ids in \[0, 5\), got values in \[0, 5\]"),
@@ -344,7 +363,7 @@ D32 = biggan.Discriminator(**SMALL_D[0], skip_init=True)
     (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([0, 7])), r"class ids in \[0, 5\)"),
     (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([[0, 1]])), "y must be class ids"),
     (lambda: SHARED.blocks[0][0].bn1(torch.randn(2, 15, 4, 4), torch.randn(2, 11)), r"x must be a tensor \[N, 16"),
-], ids=range(11))
+], ids=range(12))
 def test_bad_inputs_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
