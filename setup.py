@@ -69,10 +69,13 @@ setup(
     version="0.1.0",
     description="Fast masked and sparse kernels, and five published GAN compression methods, for PyTorch",
     python_requires=">=3.10",
-    # Only gansparse goes into site-packages; the Triton kernels of kernels/ install as gansparse.kernels
-    # and the networks of models/ as gansparse.models.
-    packages=["gansparse", "gansparse.ops", "gansparse.kernels", "gansparse.models"],
-    package_dir={"gansparse": "gansparse", "gansparse.kernels": "kernels", "gansparse.models": "models"},
+    # Only gansparse goes into site-packages; the Triton kernels of kernels/ install as gansparse.kernels,
+    # the networks of models/ as gansparse.models and the training code of train/ as gansparse.train.
+    packages=["gansparse", "gansparse.ops", "gansparse.kernels", "gansparse.models", "gansparse.train",
+              "gansparse.train.methods"],
+    package_dir={"gansparse": "gansparse", "gansparse.kernels": "kernels", "gansparse.models": "models",
+                 "gansparse.train": "train", "gansparse.train.methods": "train/methods"},
+    entry_points={"console_scripts": ["gansparse-train = gansparse.train.run:main"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -82,6 +85,9 @@ setup(
         "lpips",
         "torch-fidelity",
         "torchprofile",
+        "pyyaml",
+        "matplotlib",
+        "tensorboard",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     ext_modules=[_extension()],
