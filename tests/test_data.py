@@ -381,3 +381,18 @@ def test_loader_arguments():
     tensors = torch.utils.data.TensorDataset(torch.arange(5))
     batches = [b[0].tolist() for b in _take(build_loader(tensors, 2, shuffle=False), 4)]
     assert batches == [[0, 1], [2, 3], [0, 1], [2, 3]]
+
+
+def test_loader_under_torch_distributed(tmp_path):
+    """With a process group, the rank and the number of processes come from it (one process here;
+    the shares of several are checked on the sampler above)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loader = build_loader(_synthetic(), 4, seed=2, distributed=True)
+        sampler = loader.batch_sampler
+        assert (sampler.rank, sampler.world_size) == (0, 1)
+        assert _same_batches(_take(loader, 3), _take(build_loader(_synthetic(), 4, seed=2), 3))
+    finally:
+        dist.destroy_process_group()
