@@ -31,6 +31,12 @@ at::ScalarType cpu_compute_dtype(at::ScalarType dtype) {
   return (dtype == at::kFloat || dtype == at::kDouble) ? dtype : at::kFloat;
 }
 
+// Below this many elements an op runs on one thread: waking a thread team costs more than the
+// work.
+constexpr int64_t kSerialElements = int64_t(1) << 15;
+
+int cpu_threads(int64_t elements) { return elements < kSerialElements ? 1 : at::get_num_threads(); }
+
 // The dense layout a kernel reads: NCHW, or NHWC for a channels_last 4-D tensor; any other
 // strides are copied to NCHW.
 at::Tensor dense(const at::Tensor& t, at::ScalarType dtype, bool* channels_last) {
@@ -88,7 +94,7 @@ at::Tensor upfirdn2d_cpu_op(const at::Tensor& x, const at::Tensor& kernel, int64
   Resample r = prepare_upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1, true);
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "upfirdn2d_cpu", [&] {
     upfirdn2d_cpu<scalar_t>(r.x.const_data_ptr<scalar_t>(), r.kernel.const_data_ptr<scalar_t>(),
-                            r.out.mutable_data_ptr<scalar_t>(), r.shape, at::get_num_threads());
+                            r.out.mutable_data_ptr<scalar_t>(), r.shape, cpu_threads(r.out.numel()));
   });
   return r.out.to(x.scalar_type());
 }
@@ -134,7 +140,7 @@ at::Tensor fused_leaky_relu_cpu(const at::Tensor& x, const OptionalTensor& bias,
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fused_leaky_relu_cpu", [&] {
     bias_act_forward_cpu<scalar_t>(a.x.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(a.bias),
                                    out.mutable_data_ptr<scalar_t>(), a.shape, negative_slope, scale,
-                                   at::get_num_threads());
+                                   cpu_threads(out.numel()));
   });
   return out.to(x.scalar_type());
 }
@@ -159,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> fused_leaky_relu_backward_cpu(const at::Tenso
     bias_act_backward_cpu<scalar_t>(g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
                                     optional_ptr<scalar_t>(a.bias), grad_x.mutable_data_ptr<scalar_t>(),
                                     bias_grad ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr, a.shape,
-                                    negative_slope, scale, at::get_num_threads());
+                                    negative_slope, scale, cpu_threads(grad_x.numel()));
   });
   return {grad_x.to(x.scalar_type()), grad_bias.to(x.scalar_type())};
 }

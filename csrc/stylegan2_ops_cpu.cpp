@@ -12,6 +12,14 @@
 //
 // Loop bodies are compiled for AVX2+FMA and for baseline x86-64 and picked at run time
 // (cpu_parallel.h).
+
+// The leaky ReLU's slope is a select on z > 0, which GCC keeps as a branch (no vectorisation)
+// while it must assume that the comparison may raise a floating-point exception. Nothing here
+// reads the exception flags, so this file tells it not to; the results are the same.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
@@ -109,7 +117,7 @@ GS_INLINE void upfirdn_rows_nhwc(const T* x, const T* kernel, T* out, const Resa
 }
 
 // Bias-act rows: a row is `len` values of one channel (NCHW-like) or the C channels of one
-// position (channels_last); channel_of gives the bias index of the row's element i.
+// position (channels_last).
 template <typename T, Isa>
 GS_INLINE void bias_act_rows(const T* x, const T* bias, T* out, const ChannelShape& s, T slope, T scale,
                              int64_t begin, int64_t end) {
@@ -117,9 +125,12 @@ GS_INLINE void bias_act_rows(const T* x, const T* bias, T* out, const ChannelSha
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * len;
     T* yr = out + r * len;
-    if (s.channels_last) {
+    if (s.channels_last && bias != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) yr[i] = leaky_relu_scaled(xr[i] + (bias ? bias[i] : T(0)), slope, scale);
+      for (int64_t i = 0; i < len; ++i) yr[i] = leaky_relu_scaled(xr[i] + bias[i], slope, scale);
+    } else if (s.channels_last) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) yr[i] = leaky_relu_scaled(xr[i], slope, scale);
     } else {
       const T b = bias ? bias[r % s.c] : T(0);
 #pragma omp simd
@@ -140,9 +151,12 @@ GS_INLINE void bias_act_backward_rows(const T* grad_out, const T* x, const T* bi
     const T* xr = x + r * len;
     T* gx = grad_x + r * len;
     if (s.channels_last) {
+      if (bias != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        gx[i] = g[i] * leaky_relu_scaled_grad(xr[i] + (bias ? bias[i] : T(0)), slope, scale);
+        for (int64_t i = 0; i < len; ++i) gx[i] = g[i] * leaky_relu_scaled_grad(xr[i] + bias[i], slope, scale);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) gx[i] = g[i] * leaky_relu_scaled_grad(xr[i], slope, scale);
       }
       if (partial) {
 #pragma omp simd

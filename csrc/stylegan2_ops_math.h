@@ -48,16 +48,22 @@ GS_HD TapRange taps_of(const Axis& a, int64_t o) {
 }
 
 // Fused bias + leaky ReLU on the biased value z = x + bias: the slope is chosen as torch's
-// leaky_relu chooses it (z > 0), and the gain multiplies the result.
+// leaky_relu chooses it (z > 0), and the gain multiplies the result. The slope is a select
+// between two values, not a conditional multiplication, so that compilers vectorise it.
+template <typename acc_t>
+GS_HD acc_t leaky_relu_slope(acc_t z, acc_t negative_slope) {
+  return z > acc_t(0) ? acc_t(1) : negative_slope;
+}
+
 template <typename acc_t>
 GS_HD acc_t leaky_relu_scaled(acc_t z, acc_t negative_slope, acc_t scale) {
-  return (z > acc_t(0) ? z : z * negative_slope) * scale;
+  return z * leaky_relu_slope(z, negative_slope) * scale;
 }
 
 // d out / d z.
 template <typename acc_t>
 GS_HD acc_t leaky_relu_scaled_grad(acc_t z, acc_t negative_slope, acc_t scale) {
-  return z > acc_t(0) ? scale : negative_slope * scale;
+  return leaky_relu_slope(z, negative_slope) * scale;
 }
 
 }  // namespace stylegan2
