@@ -86,12 +86,21 @@ def test_comparison_table():
     assert first.split() == ["dmad", "2.00M", "(5.69x)", "5.68G", "(10.00x)", "50.0", "ms", "(10.00x)", "0.125",
                              "inf", "-", "45.25"]
     assert second.split()[0] == "gan_compression" and "(25.00x)" in second and second.split()[-2:] == ["0.3", "-"]
-    assert note.startswith("(x): the teacher's value divided by")
-    # no teacher: no teacher row and no ratios
-    alone = comparison_table([_report(method="dense", teacher=None)]).splitlines()
-    assert len(alone) == 3 and "(" not in alone[2]
+    assert note == "(x): teacher's value divided by the method's"
     with pytest.raises(ValueError, match="reports is empty"):
         comparison_table([])
+
+
+def test_comparison_table_of_the_embedded_default():
+    """The dense run that trained the teacher is the reference: no separate teacher row."""
+    dense = _report(method="dense", teacher=None, student=TEACHER, metrics={"psnr": 21.5})
+    lines = comparison_table([dense, _report()]).splitlines()
+    assert len(lines) == 5
+    assert lines[2].split() == ["dense", "11.38M", "56.80G", "500.0", "ms", "-", "-", "21.5", "-"]
+    assert lines[3].split()[:3] == ["dmad", "2.00M", "(5.69x)"]
+    assert lines[4] == "(x): dense's value divided by the method's"
+    alone = comparison_table([dense]).splitlines()
+    assert len(alone) == 3 and "(" not in alone[2]
 
 
 def test_save_image_grid(tmp_path):

@@ -236,25 +236,33 @@ def _plot_sparsity(history: dict[str, list[tuple[int, float]]], path: Path) -> N
 
 
 def comparison_table(reports: list[dict]) -> str:
-    """A fixed-width text table: the teacher (from the first report that has one), then each
-    report's student: params, MACs, CPU latency (with the teacher's value divided by the student's),
-    and the quality measures any report has (QUALITY_KEYS order; '-' where a report lacks one)."""
+    """A fixed-width text table of each report's student: params, MACs, CPU latency and the quality
+    measures any report has (QUALITY_KEYS order; '-' where a report lacks one).
+
+    The reference the sizes and times are divided by, "(x)": the first report without a teacher
+    (the dense teacher run of the embedded default) when there is one, else the first teacher
+    found, shown in a 'teacher' row of its own."""
     if not reports:
         raise ValueError("comparison_table: reports is empty")
     for report in reports:
         _check_report(report)
+    rows = [(str(report["method"]), report["student"], report.get("metrics") or report["student"].get("metrics")
+             or {}) for report in reports]
+    dense = next((row for report, row in zip(reports, rows) if report.get("teacher") is None), None)
     teacher = next((report["teacher"] for report in reports if report.get("teacher") is not None), None)
-    rows = []
-    if teacher is not None:
-        rows.append(("teacher", teacher, teacher.get("metrics") or {}))
-    rows += [(str(report["method"]), report["student"], report.get("metrics") or report["student"].get("metrics")
-              or {}) for report in reports]
+    if dense is not None:
+        reference, reference_name = dense[1], dense[0]
+    elif teacher is not None:
+        reference, reference_name = teacher, "teacher"
+        rows.insert(0, ("teacher", teacher, teacher.get("metrics") or {}))
+    else:
+        reference = reference_name = None
     names = _quality_names([metrics for _, _, metrics in rows])
 
     def cell(entry, key):
         value = _human(entry[key]) if key != "cpu_latency_ms" else f"{entry[key]:.1f} ms"
-        if teacher is not None and entry is not teacher:
-            value += f" ({_ratio(teacher[key], entry[key])})"
+        if reference is not None and entry is not reference:
+            value += f" ({_ratio(reference[key], entry[key])})"
         return value
 
     header = ["method", "params", "MACs", "CPU latency", *names]
@@ -266,9 +274,10 @@ def comparison_table(reports: list[dict]) -> str:
         return "  ".join(text.ljust(width) if i == 0 else text.rjust(width)
                          for i, (text, width) in enumerate(zip(row, widths)))
 
-    rule = "-" * len(line(header))
-    note = "(x): the teacher's value divided by the method's" if teacher is not None else ""
-    return "\n".join([line(header), rule, *map(line, body)] + ([note] if note else []))
+    lines = [line(header), "-" * len(line(header)), *map(line, body)]
+    if reference is not None and len(rows) > 1:
+        lines.append(f"(x): {reference_name}'s value divided by the method's")
+    return "\n".join(lines)
 
 
 # --- sample grids -------------------------------------------------------------------------
