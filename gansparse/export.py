@@ -389,6 +389,8 @@ class _ChannelAnalysis(fx.Interpreter):
         arg, flow = self._input(n)
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, MaskedConvNormAct)):
             conv = module.conv if isinstance(module, MaskedConvNormAct) else module
+            if conv.groups == conv.in_channels == conv.out_channels and not isinstance(module, MaskedConvNormAct):
+                return self._depthwise(n, conv, out)
             if conv.groups != 1:
                 return self._unknown(n, out)
             if isinstance(module, MaskedConvNormAct) and isinstance(module.norm, ConditionalBatchNorm2d):
@@ -433,6 +435,17 @@ class _ChannelAnalysis(fx.Interpreter):
         if not isinstance(mask, Mask):
             return torch.zeros(channels, dtype=torch.bool)
         return (effective_mask_values(mask) == 0).cpu()
+
+    def _depthwise(self, n: fx.Node, conv: nn.Module, out) -> _Flow:
+        """A depthwise conv is per channel: channel c out depends on channel c in only. A constant
+        input stays constant where the conv's padding keeps it so (a 0 input gives the bias)."""
+        arg, flow = self._input(n)
+        own = self._mask_zero(conv, out.shape[1]) | (_conv_weight(conv) == 0).flatten(1).all(1).cpu()
+        if flow is None:
+            return self._new(1, out.shape[1], own, pinned=True)
+        values, uniform = self.states[arg]
+        stays_const = flow.const & uniform & ((values == 0).cpu() | _zero_padding_exact(conv))
+        return self._same(flow, stays_const | own)
 
     def _same(self, flow: _Flow, const: torch.Tensor) -> _Flow:
         return _Flow(flow.axis, flow.slots, const.cpu())
@@ -579,27 +592,41 @@ def _index(t: torch.Tensor | None, dim: int, keep: torch.Tensor | None) -> torch
 
 def _plain_conv(conv: nn.Module, keep_in, keep_out, input_values, scale) -> nn.Module:
     """A plain nn.Conv2d / nn.ConvTranspose2d computing scale[c] * conv(x)[c] for the kept output
-    channels c from the kept input channels, the constants of the removed ones folded into the bias."""
+    channels c from the kept input channels, the constants of the removed ones folded into the
+    bias. A depthwise conv keeps the same channels in and out (keep_out); other grouped convs
+    keep all their channels."""
     weight = _conv_weight(conv)  # conv [out, in / groups, kh, kw]; transposed [in, out / groups, kh, kw]
     bias = conv.bias.detach() if conv.bias is not None else None
-    in_dim, out_dim = (0, 1) if conv.transposed else (1, 0)
-    if keep_in is not None and input_values is not None:
-        removed = torch.ones(weight.shape[in_dim], dtype=torch.bool)
-        removed[keep_in] = False
-        constants = torch.where(removed, input_values.cpu(), torch.zeros(())).to(weight)
-        if bool((constants != 0).any()):  # only an exact fold gets here: a plain conv, no zero padding
-            fold = torch.einsum("oikl,i->o", weight, constants)  # [out]
-            bias = fold if bias is None else bias + fold
-    weight = _index(_index(weight, in_dim, keep_in), out_dim, keep_out)
+    groups = conv.groups
+    if groups == 1:
+        in_dim, out_dim = (0, 1) if conv.transposed else (1, 0)
+        if keep_in is not None and input_values is not None:
+            removed = torch.ones(weight.shape[in_dim], dtype=torch.bool)
+            removed[keep_in] = False
+            constants = torch.where(removed, input_values.cpu(), torch.zeros(())).to(weight)
+            if bool((constants != 0).any()):  # only an exact fold gets here: a plain conv, no zero padding
+                fold = torch.einsum("oikl,i->o", weight, constants)  # [out]
+                bias = fold if bias is None else bias + fold
+        weight = _index(_index(weight, in_dim, keep_in), out_dim, keep_out)
+    elif groups == conv.in_channels == conv.out_channels and keep_out is not None:
+        weight = _index(weight, 0, keep_out)  # [C', 1, kh, kw] either way
+        groups = len(keep_out)
+    else:
+        keep_out = None
     bias = _index(bias, 0, keep_out)
     if scale is not None:
         scale = _index(scale.to(weight), 0, keep_out)
-        weight = weight * scale.view([-1 if d == out_dim else 1 for d in range(weight.dim())])
+        if conv.transposed:  # output channel g * (out / groups) + j is weight[group g's inputs, j]
+            shape = weight.shape
+            weight = (weight.view(groups, shape[0] // groups, shape[1], *shape[2:])
+                      * scale.view(groups, 1, shape[1], 1, 1)).view(shape)
+        else:
+            weight = weight * scale.view(-1, 1, 1, 1)
         bias = bias * scale if bias is not None else None
-    in_channels, out_channels = (weight.shape[0], weight.shape[1] * conv.groups) if conv.transposed else (
-        weight.shape[1] * conv.groups, weight.shape[0])
+    in_channels, out_channels = (weight.shape[0], weight.shape[1] * groups) if conv.transposed else (
+        weight.shape[1] * groups, weight.shape[0])
     common = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups, bias=bias is not None, padding_mode=conv.padding_mode, device=weight.device,
+                  groups=groups, bias=bias is not None, padding_mode=conv.padding_mode, device=weight.device,
                   dtype=weight.dtype)
     if conv.transposed:
         plain = nn.ConvTranspose2d(in_channels, out_channels, output_padding=conv.output_padding, **common)
@@ -750,20 +777,20 @@ class _Rewriter:
             self.set_module(node.target, self.plain_linear(module, keep_in, keep_out, input_values))
 
     def channel_mask_node(self, node: fx.Node, scale, keep) -> None:
-        """The mask alone: folded into the conv right before it when that conv feeds only the mask,
-        a plain per-channel scale otherwise."""
+        """The mask alone: folded into the conv right before it when that conv feeds only the mask
+        (and is not a grouped transposed conv, whose weight splits output channels by group), a
+        plain per-channel scale otherwise."""
         source = node.args[0]
         conv = self.gm.get_submodule(source.target) if isinstance(source, fx.Node) and source.op == "call_module" \
             else None
-        if scale is None or not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or len(source.users) != 1:
+        foldable = (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and len(source.users) == 1
+                    and (conv.groups == 1 or not conv.transposed))
+        if scale is None or not foldable:
             self.set_module(node.target, _channel_scale(scale, keep))
             return
         scale = _index(scale, 0, keep).to(conv.weight)
         out_dim = 1 if conv.transposed else 0
         with torch.no_grad():
-            if conv.groups != 1 and conv.transposed:  # grouped transposed weights split out channels per group
-                self.set_module(node.target, _channel_scale(scale, None))
-                return
             conv.weight.mul_(scale.view([-1 if d == out_dim else 1 for d in range(conv.weight.dim())]))
             if conv.bias is not None:
                 conv.bias.mul_(scale)

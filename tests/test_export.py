@@ -105,6 +105,36 @@ def test_binarised_masks_equal_the_model_itself():
         torch.testing.assert_close(compact(x), model(x), atol=1e-5, rtol=0)
 
 
+def _zoo_case(name: str):
+    """(masked model, inputs) of another zoo generator, small."""
+    from gansparse.models import MobileResnetGenerator, biggan, dcgan, sngan
+
+    if name == "mobile_resnet":
+        return MobileResnetGenerator(3, 3, ngf=8, n_blocks=3, mask="dmad"), (torch.randn(1, 3, 32, 32),)
+    if name == "sngan":
+        return sngan.Generator(z_dim=16, ch=32, mask="dmad"), (torch.randn(2, 16),)
+    if name == "dcgan":
+        return dcgan.Generator(nz=16, ngf=8, mask="sigmoid"), (torch.randn(2, 16, 1, 1),)
+    big = biggan.Generator(G_ch=8, dim_z=16, shared_dim=8, resolution=32, G_attn="16", n_classes=5, hier=True,
+                           mask="dmad")
+    return big, (torch.randn(2, 16), big.shared(torch.tensor([1, 3])).detach())
+
+
+@pytest.mark.parametrize("name", ["mobile_resnet", "sngan", "dcgan", "biggan"])
+def test_other_zoo_generators(name):
+    from gansparse.models import biggan
+
+    model, inputs = _zoo_case(name)
+    _set_masks(model, 0.4, torch.Generator().manual_seed(8))
+    _randomise_norms(model, torch.Generator().manual_seed(9))
+    if name == "biggan":  # spectral norm and BigGAN's norms as torch / gansparse layers
+        model = biggan.exportable(model)
+    compact = export.compact(model, *inputs)
+    export.check_equivalence(model, compact, *inputs)
+    _assert_plain(compact)
+    assert _n_params(compact) < 0.8 * _n_params(model)
+
+
 def _stream_masks(model: ResnetGenerator) -> list:
     """The masks on the residual stream: the last downsampling's and each block's second one."""
     blocks = [m for m in model.model if type(m).__name__ == "ResnetBlock"]
