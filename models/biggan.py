@@ -395,8 +395,10 @@ class DBlock(nn.Module):
         return F.avg_pool2d(x, 2) if self.downsample else x
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        conv_sc = self.conv_sc if self.learnable_sc else nn.Identity()
-        return self._pool(conv_sc(x)) if self.preactivation else conv_sc(self._pool(x))
+        if self.preactivation:
+            return self._pool(self.conv_sc(x) if self.learnable_sc else x)
+        x = self._pool(x)
+        return self.conv_sc(x) if self.learnable_sc else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(x) if self.preactivation else x
