@@ -126,3 +126,23 @@ def test_every_registered_preset_resolves():
 def test_the_embedded_default_dry_run(capsys):
     assert main(["--dry-run"]) == 0
     assert "runs/default" in capsys.readouterr().out
+
+
+def test_the_package_works_installed_as_gansparse_train(capsys):
+    """setup.py installs train/ as gansparse.train (the gansparse-train console script): load it
+    under that name, as the installed package is, and run its command line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gansparse.train", ROOT / "train" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "train")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["gansparse.train"] = package
+    try:
+        spec.loader.exec_module(package)
+        installed_main = importlib.import_module("gansparse.train.run").main
+        assert installed_main is not main
+        assert installed_main(["--method", "dense", "--steps", "5", "--dry-run"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["steps"] == 5
+    finally:
+        for name in [name for name in sys.modules if name == "gansparse.train" or name.startswith("gansparse.train.")]:
+            del sys.modules[name]
