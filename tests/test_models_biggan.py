@@ -281,6 +281,18 @@ def test_a_zero_mask_zeroes_its_channels_before_the_relu_and_masks_learn():
             assert mask.logits.grad is not None and mask.logits.grad.abs().sum() > 0, name
 
 
+def test_effective_macs_count_the_channels_a_mask_keeps():
+    g = biggan.Generator(**SMALL_G[1], mask="hard").eval()
+    bn2 = g.blocks[1][0].bn2
+    values = torch.zeros(bn2.num_features)
+    values[: bn2.num_features // 4] = 1
+    bn2.mask = HardMask(bn2.num_features, values)
+    rows = {row["name"]: row for row in gansparse.profile(g, torch.randn(1, g.dim_z), torch.tensor([1]))["layers"]}
+    for name in ("blocks.1.0.conv1", "blocks.1.0.conv2"):  # conv1's outputs, conv2's inputs
+        assert rows[name]["macs_effective"] == round(rows[name]["macs"] / 4)
+    assert rows["blocks.1.0.conv_sc"]["macs_effective"] == rows["blocks.1.0.conv_sc"]["macs"]
+
+
 @pytest.mark.parametrize("sparsity", [0.3, 0.8])
 @pytest.mark.parametrize("kwargs", [SMALL_G[0], SMALL_G[1]], ids=["shared-hier", "class-embeddings"])
 def test_export_removes_the_masked_channels_and_keeps_the_outputs(kwargs, sparsity):
