@@ -138,3 +138,81 @@ def test_only_the_part_being_updated_requires_gradients():
     loop._train_only(method, optimizers["D"])
     assert not any(p.requires_grad for p in method.nets["G"].parameters())
     assert all(p.requires_grad for p in method.nets["D"].parameters())
+
+
+# --- the pieces methods share: GAN losses, the image pool, the network builders ----------------
+
+
+def test_gan_losses_follow_their_formulas():
+    from train.losses import GANLoss
+
+    prediction = torch.tensor([[-2.0, 0.5], [1.5, 3.0]])
+    assert GANLoss("lsgan")(prediction, True).item() == pytest.approx(((prediction - 1) ** 2).mean().item())
+    assert GANLoss("lsgan")(prediction, False).item() == pytest.approx((prediction ** 2).mean().item())
+    assert GANLoss("vanilla")(prediction, True).item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(prediction).mean().item())
+    assert GANLoss("vanilla")(prediction, False).item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(-prediction).mean().item())
+    assert GANLoss("hinge")(prediction, True).item() == pytest.approx((3 + 0.5 + 0 + 0) / 4)
+    assert GANLoss("hinge")(prediction, False).item() == pytest.approx((0 + 1.5 + 2.5 + 4) / 4)
+    assert GANLoss("hinge")(prediction, True, for_discriminator=False).item() == pytest.approx(-0.75)
+    assert GANLoss("wgangp")(prediction, True).item() == pytest.approx(-0.75)
+    assert GANLoss("wgangp")(prediction, False).item() == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GANLoss("wasserstein")
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    from train.losses import gradient_penalty
+
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1, bias=False))
+    with torch.no_grad():
+        critic[1].weight.fill_(0.5)  # ||grad|| = 0.5 * sqrt(12) everywhere
+    penalty = gradient_penalty(critic, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), weight=10.0)
+    assert penalty.item() == pytest.approx(10 * (0.5 * 12 ** 0.5 - 1) ** 2, rel=1e-5)
+
+
+def test_image_pool_fills_then_mixes_history_and_restores():
+    import random
+
+    from train.losses import ImagePool
+
+    images = torch.arange(400.0).view(400, 1, 1, 1)
+    assert ImagePool(0).query(images) is images
+    pool = ImagePool(3)
+    torch.testing.assert_close(pool.query(images[:3]), images[:3])  # filling: returned as they are
+    random.seed(0)
+    from_history = 0
+    for start in range(3, 400, 4):
+        before, new = [i.item() for i in pool.images], images[start:start + 4]
+        out = pool.query(new)
+        # an image returned from the pool leaves it and the new one takes its place
+        after = [i.item() for i in pool.images]
+        assert sorted(out.flatten().tolist() + after) == sorted(before + new.flatten().tolist())
+        from_history += sum(o.item() != n.item() for o, n in zip(out, new))
+    assert 0.4 < from_history / 397 < 0.6  # half of the time
+    restored = ImagePool(3)
+    restored.load_state_dict(pool.state_dict())
+    assert [i.item() for i in restored.images] == [i.item() for i in pool.images]
+    with pytest.raises(ValueError, match="size must be an int >= 0"):
+        ImagePool(-1)
+
+
+def test_network_builders():
+    options = dict(ngf=4, ndf=4, norm="instance", dropout=False, n_layers_D=2)
+    resnet = build_generator({**options, "netG": "resnet_2blocks"})
+    assert sum(type(m).__name__ == "ResnetBlock" for m in resnet.modules()) == 2
+    unet = build_generator({**options, "netG": "unet_64"})
+    assert unet(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    for bad in ("unet_48", "unet_16", "resnet", "mobile"):
+        with pytest.raises(ValueError, match="netG must be"):
+            build_generator({**options, "netG": bad})
+    from train.nets import build_discriminator
+
+    conditional = build_discriminator({**options, "netD": "n_layers"}, input_nc=6)
+    assert conditional(torch.randn(1, 6, 32, 32)).shape[1] == 1
+    with pytest.raises(ValueError, match="netD must be"):
+        build_discriminator({**options, "netD": "patch"})
+    # junyanz's initialisation: N(0, 0.02) conv weights, zero biases
+    weights = torch.cat([m.weight.flatten() for m in resnet.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.1)

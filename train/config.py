@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["LOOP_DEFAULTS", "OPTION_HELP", "ConfigError", "load_yaml", "check", "option_types", "parse_value", "resolve"]
+__all__ = ["LOOP_DEFAULTS", "OPTION_HELP", "ConfigError", "check", "load_yaml", "option_types", "parse_value",
+           "resolve"]
 
 
 class ConfigError(ValueError):
@@ -215,7 +216,8 @@ def check(cfg: dict) -> None:
         require(cfg[key] >= (0 if key == "steps" else 1), key, ">= 0" if key == "steps" else ">= 1")
     for key in ("batch_size", "accumulation", "keep_checkpoints", "num_samples", "eval_size", "latency_threads"):
         require(cfg[key] >= 1, key, ">= 1")
-    require(cfg["batch_size"] % cfg["accumulation"] == 0, "accumulation", f"a divisor of batch_size {cfg['batch_size']}")
+    require(cfg["batch_size"] % cfg["accumulation"] == 0, "accumulation",
+            f"a divisor of batch_size {cfg['batch_size']}")
     require(cfg["num_workers"] >= 0, "num_workers", ">= 0")
     require(cfg["lr"] > 0, "lr", "> 0")
     require(cfg["lr_policy"] in LR_POLICIES, "lr_policy", f"one of {LR_POLICIES}")

@@ -326,7 +326,8 @@ class _Trainer:
             raise checkpoint.CheckpointError(f"cannot resume: {self.run_dir / 'checkpoints'} holds no checkpoint")
         tensors, state = checkpoint.load(found)
         self.global_step = state["global_step"]
-        self.history, self.sparsity_history, self.running = state["history"], state["sparsity_history"], state["running"]
+        self.history, self.sparsity_history = state["history"], state["sparsity_history"]
+        self.running = state["running"]
         resume_loader(self.loader, state["loader"])
         self.log(f"resuming {self.run_dir} from {found.name}: stage {state['stage']}, step {state['stage_step']}")
         return tensors, state

@@ -28,7 +28,8 @@ DEFAULT_COMPRESSION: list[str] = []
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.run", add_help=False, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m train.run", add_help=False, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train or compress a GAN with a registered method. Without --method: the embedded default "
                     "(a small teacher, then each compression method, on synthetic data).")
     parser.add_argument("--method", help="the method to run (see below)")
