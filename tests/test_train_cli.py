@@ -88,6 +88,7 @@ def test_values_are_parsed_to_the_type_of_their_default(capsys):
     (["--method", "dense", "--preset", "smok"], "method 'dense' has no preset 'smok'; its presets are: smoke"),
     (["--preset", "smoke"], "--preset needs --method"),
     (["--steps", "3"], "without --method only --out is accepted"),
+    (["--resume", "runs/x", "--config", "x.yaml"], "it cannot take --config too"),
 ])
 def test_bad_options_get_a_clear_message(capsys, argv, message):
     assert message in error_of(capsys, *argv)

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 def _configuration(args: argparse.Namespace, rest: list[str]) -> tuple[dict, type]:
     """(resolved options, method class) of a --method / --config / --resume command line."""
     file_options = {}
+    if args.resume is not None and args.config is not None:
+        raise ConfigError("--resume continues a run with its own config.yaml: it cannot take --config too")
     if args.resume is not None:
         config_file = Path(args.resume) / "config.yaml"
         if not config_file.is_file():
