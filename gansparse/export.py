@@ -24,6 +24,8 @@ layer reading it can absorb that constant:
   with zero padding (and any transposed conv, whose overlaps differ by position) keeps such a
   channel; reflection or replication padding, or none, keeps a constant constant, so the fold is
   exact there;
+- a depthwise conv is a per-channel layer: its input and output channel c go together, and a
+  constant input stays constant where its padding allows (a 0 input gives the bias);
 - a product contracted over channels (the query-key product of self-attention) drops channel c
   from both factors when either factor's channel c is 0;
 - the model's outputs, the inputs of layers export does not know and class-conditional norms
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import functools
 import inspect
 import json
 import operator
@@ -79,20 +82,16 @@ from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, Mas
 from .masks import Mask, named_masks
 from .sparse import SparseConv2d, SparseConvTranspose2d
 
-__all__ = ["check_equivalence", "compact", "load", "pruned_reference", "save"]
+__all__ = ["check_equivalence", "compact", "effective_mask_values", "load", "pruned_reference", "save"]
 
 _FORMAT = "gansparse.export/1"
 
 
+@functools.cache
 def _masked_norm_types() -> tuple[type, ...]:
-    """The masked norms of the model zoo (gansparse.models.norms), when the zoo is installed."""
-    try:
-        from gansparse.models.norms import ChannelMask, MaskedBatchNorm2d, MaskedInstanceNorm2d
-    except ImportError:
-        try:
-            from models.norms import ChannelMask, MaskedBatchNorm2d, MaskedInstanceNorm2d
-        except ImportError:
-            return ()
+    """The masked norms of the model zoo (imported late: the zoo imports gansparse)."""
+    from gansparse.models.norms import ChannelMask, MaskedBatchNorm2d, MaskedInstanceNorm2d
+
     return (MaskedBatchNorm2d, MaskedInstanceNorm2d, ChannelMask)
 
 
@@ -234,13 +233,14 @@ _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _channel_state(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value [C] of each channel at its first element, bool [C]: the channel holds one value)."""
+    """(value [C] of each channel at its first element, bool [C]: the channel holds one value),
+    on the CPU."""
     flat = t.detach().movedim(axis, 0).reshape(t.shape[axis], -1)  # [C, everything else]
-    first = flat[:, 0]
     if flat.shape[1] == 0:
-        return torch.zeros_like(first), torch.ones_like(first, dtype=torch.bool)
+        return torch.zeros(flat.shape[0], dtype=t.dtype), torch.ones(flat.shape[0], dtype=torch.bool)
+    first = flat[:, 0]
     spread = (flat - first[:, None]).abs().amax(1)
-    return first.clone(), spread <= 1e-6 * (1 + first.abs())
+    return first.cpu(), (spread <= 1e-6 * (1 + first.abs())).cpu()
 
 
 def _conv_weight(conv: nn.Module) -> torch.Tensor:
@@ -380,6 +380,11 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._layout(n, out)
         return self._unknown(n, out)
 
+    @staticmethod
+    def _condition(n: fx.Node):
+        """The condition y of a call (x, y) of a conditional norm or a block holding one."""
+        return n.args[1] if len(n.args) > 1 else n.kwargs.get("y")
+
     def _arg(self, n: fx.Node, name: str, position: int, default):
         if name in self.kwargs_now:
             return self.kwargs_now[name]
@@ -393,13 +398,15 @@ class _ChannelAnalysis(fx.Interpreter):
                 return self._depthwise(n, conv, out)
             if conv.groups != 1:
                 return self._unknown(n, out)
-            if isinstance(module, MaskedConvNormAct) and isinstance(module.norm, ConditionalBatchNorm2d):
-                self.pin(self.flows.get(n.args[1]) if len(n.args) > 1 else None)
+            conditional = isinstance(getattr(module, "norm", None), ConditionalBatchNorm2d)
+            if conditional:
+                self.pin(self.flows.get(self._condition(n)))
             exact = _zero_padding_exact(conv)
             self._consume(n, arg, flow, lambda v: (v == 0) | exact)
-            # A filter of zeros outputs its bias everywhere (e.g. a filter pruned in a SparseConv2d).
+            # A filter of zeros outputs its bias everywhere (e.g. a filter pruned in a SparseConv2d),
+            # a constant unless a per-sample affine follows.
             out_dim = 1 if conv.transposed else 0
-            zero_filters = (_conv_weight(conv) == 0).transpose(0, out_dim).flatten(1).all(1).cpu()
+            zero_filters = (_conv_weight(conv) == 0).transpose(0, out_dim).flatten(1).all(1).cpu() & (not conditional)
             return self._new(1, out.shape[1], zero_filters | self._mask_zero(module, out.shape[1]))
         if isinstance(module, nn.Linear):
             if flow is not None and flow.axis != out.dim() - 1:
@@ -408,7 +415,7 @@ class _ChannelAnalysis(fx.Interpreter):
                 self._consume(n, arg, flow, lambda v: torch.ones_like(v, dtype=torch.bool))
             return self._new(out.dim() - 1, out.shape[-1])
         if isinstance(module, ConditionalBatchNorm2d):
-            self.pin(self.flows.get(n.args[1]) if len(n.args) > 1 else None)
+            self.pin(self.flows.get(self._condition(n)))
             # Its affine is per sample: a constant channel is no longer one value across samples.
             return self._same(flow, torch.zeros_like(flow.const)) if flow is not None else None
         if isinstance(module, _masked_norm_types()):
@@ -444,7 +451,7 @@ class _ChannelAnalysis(fx.Interpreter):
         if flow is None:
             return self._new(1, out.shape[1], own, pinned=True)
         values, uniform = self.states[arg]
-        stays_const = flow.const & uniform & ((values == 0).cpu() | _zero_padding_exact(conv))
+        stays_const = flow.const & uniform & ((values == 0) | _zero_padding_exact(conv))
         return self._same(flow, stays_const | own)
 
     def _same(self, flow: _Flow, const: torch.Tensor) -> _Flow:
@@ -468,7 +475,7 @@ class _ChannelAnalysis(fx.Interpreter):
         if mode != "constant":  # reflect, replicate, circular: constants stay constant
             return self._same(flow, flow.const)
         values, uniform = self.states[arg]
-        return self._same(flow, flow.const & uniform & (values == value).cpu())
+        return self._same(flow, flow.const & uniform & (values == value))
 
     def _binary(self, n: fx.Node, out, op: str) -> _Flow | None:
         operands = list(n.args[:2])
