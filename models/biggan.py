@@ -655,14 +655,14 @@ def _as_gansparse_norm(norm: ClassConditionalBatchNorm | BatchNorm) -> nn.Module
         plain = ConditionalBatchNorm2d(norm.num_features, num_classes=norm.cond_size, eps=norm.eps,
                                        momentum=norm.momentum)
         plain.gain.weight.copy_(1 + norm.gain.weight)
-        plain.bias.weight.copy_(norm.bias.weight)
-    else:
+        plain.bias = norm.bias
+    else:  # gansparse's linear gains are 1 + gain(y) too: the (spectral-norm folded) maps as they are
         plain = ConditionalBatchNorm2d(norm.num_features, cond_dim=norm.cond_size, eps=norm.eps,
-                                       momentum=norm.momentum, linear=functools.partial(nn.Linear, bias=False))
-        plain.gain.weight.copy_(norm.gain.weight)
-        plain.bias.weight.copy_(norm.bias.weight)
+                                       momentum=norm.momentum, linear=functools.partial(nn.Linear, device="meta"))
+        plain.gain, plain.bias = norm.gain, norm.bias
     plain.running_mean.copy_(norm.stored_mean)
     plain.running_var.copy_(norm.stored_var)
+    plain.to(norm.stored_mean)  # the device and dtype of the model
     if isinstance(norm, BatchNorm):
         return plain.eval()
     return _NormThenMask(plain, ChannelMask(norm.num_features, mask=mask) if mask is not None else None).eval()

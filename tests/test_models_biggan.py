@@ -247,6 +247,23 @@ def test_fold_spectral_norm_keeps_the_eval_outputs():
     torch.testing.assert_close(d(x, ids), want_d, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask, dtype", [(None, torch.float32), ("sigmoid", torch.float64)])
+def test_exportable_norms_are_torch_and_gansparse_layers_with_the_same_outputs(mask, dtype):
+    norms = nn.ModuleList([biggan.BatchNorm(6, eps=1e-3, mask=mask),
+                           biggan.ClassConditionalBatchNorm(6, N_CLASSES, nn.Embedding, mask=mask),
+                           biggan.ClassConditionalBatchNorm(6, 3, biggan.SNLinear, mask=mask)]).to(dtype)
+    _randomise(norms)
+    x, ids, y = torch.randn(2, 6, 4, 4, dtype=dtype), torch.tensor([0, 3]), torch.randn(2, 3, dtype=dtype)
+    norms.eval()
+    want = [norms[0](x), norms[1](x, ids, activation="relu"), norms[2](x, y)]
+    plain = biggan.exportable(norms)
+    assert type(plain[0]) is (nn.BatchNorm2d if mask is None else gansparse.models.norms.MaskedBatchNorm2d)
+    assert all(type(p.norm) is gansparse.ConditionalBatchNorm2d for p in plain[1:])
+    got = [plain[0](x), plain[1](x, ids, activation="relu"), plain[2](x, y)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- masks --------------------------------------------------------------------------------------
 
 
