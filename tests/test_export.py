@@ -80,7 +80,7 @@ def test_resnet_generator(norm, sparsity):
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
-def test_unet_generator_sigmoid_masks(norm):
+def test_unet_generator_sigmoid_masks(norm, tmp_path):
     generator = torch.Generator().manual_seed(2)
     model = UnetGenerator(3, 2, num_downs=5, ngf=8, norm=norm, mask="sigmoid")
     _set_masks(model, 0.4, generator)
@@ -92,6 +92,10 @@ def test_unet_generator_sigmoid_masks(norm):
     # Every up conv reads the skip concatenation of its level: both halves lost channels.
     up = "model.model.1.model.3.model.3.model.5"  # reads [x, innermost level]
     assert compact.get_submodule(up).in_channels < model.get_submodule(up).in_channels
+    path = tmp_path / "unet.safetensors"
+    export.save(compact, path)
+    with torch.no_grad():
+        assert torch.equal(export.load(path)(x), compact(x))
 
 
 def test_binarised_masks_equal_the_model_itself():
@@ -213,6 +217,19 @@ def test_constant_of_a_masked_channel_is_folded_only_where_exact(padding_mode):
     expected = 6 if padding_mode == "reflect" else 8
     assert compact.get_submodule("0").out_channels == compact.get_submodule("3").in_channels == expected
     assert compact.get_submodule("1").num_features == expected
+
+
+def test_pooled_features_into_a_linear_layer():
+    """The constants of masked channels (after batch norm) pass the pooling and flattening and
+    fold into the linear layer's bias."""
+    model = nn.Sequential(MaskedConv2d(3, 8, 3, mask=_hard(8, [2, 5])), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].bias.fill_(0.5)
+    x = torch.randn(2, 3, 8, 8)
+    compact = export.compact(model, x)
+    export.check_equivalence(model, compact, x)
+    assert compact.get_submodule("5").in_features == 6
 
 
 def test_parameter_counts_of_a_user_model():
@@ -380,6 +397,19 @@ def test_unknown_gansparse_module_is_named():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), MyConv(3, 4, 3, mask="hard"))
     with pytest.raises(NotImplementedError, match="module '1' of type .*MyConv"):
         export.compact(model, torch.randn(1, 3, 8, 8))
+
+
+def test_gansparse_module_called_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = MaskedConv2d(4, 4, 3, padding=1, mask="hard")
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    with pytest.raises(NotImplementedError, match="module 'conv' .* is called more than once"):
+        export.compact(Twice(), torch.randn(1, 4, 8, 8))
 
 
 def test_missing_example_inputs_and_bad_model():
