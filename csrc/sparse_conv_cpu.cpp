@@ -12,7 +12,9 @@
 //   that only the taps with i * dilation = that residue mod s reach; each phase is a stride-1
 //   correlation of the (undilated) input with those taps, step s. No zero-inserted input is
 //   ever read.
-// - a 1x1 or unpadded stride-1 conv reads the input in place.
+// - an unpadded stride-1 conv (1x1, say) reads the input in place.
+// The padded copy spaces its planes an odd number of cache lines apart, so that the same pixel
+// of many channels does not compete for the same few sets of L1 and L2.
 //
 // Inner loop (AVX2): output pixels on the vector lanes, up to 8 vectors (64 pixels) of
 // accumulators held in registers while nonzeros stream past: per nonzero, one broadcast and one
@@ -50,6 +52,7 @@ constexpr int64_t kBlockPixels = 8 * kLanes;   // output pixels per register blo
 constexpr int64_t kRowsPerTask = 4;
 constexpr int64_t kChannelsPerTask = 32;
 constexpr int64_t kGroupInputBytes = 16 * 1024;  // input of one channel group for one pixel block
+constexpr double kMinGroupNonzeros = 32;         // per output channel and channel group
 // Multiply-adds per thread below which another thread costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
 
@@ -94,18 +97,30 @@ class PhaseBuilder {
   std::vector<Nonzero> entries_;
 };
 
-// The zero-padded input of one sample: planes [c_in, split_h, split_w] of [plane_h, pitch].
-// Input pixel (c, y, x) is at padded (Y, X) = (y + top, x + left), which lives in plane
-// (c, Y % split_h, X % split_w) at (Y / split_h, X / split_w).
+// The zero-padded input of one sample: planes [c_in, split_h, split_w] of [plane_h, pitch],
+// plane_stride floats apart. Input pixel (c, y, x) is at padded (Y, X) = (y + top, x + left),
+// which lives in plane (c, Y % split_h, X % split_w) at (Y / split_h, X / split_w).
 struct PaddedLayout {
   int64_t split_h, split_w;
   int64_t top, left;
   int64_t plane_h, pitch;
+  int64_t plane_stride;
 
-  int64_t plane_size() const { return plane_h * pitch; }
-  int64_t sample_size(int64_t channels) const { return channels * split_h * split_w * plane_size(); }
-  int64_t plane_start(int64_t c, int64_t a, int64_t b) const { return ((c * split_h + a) * split_w + b) * plane_size(); }
+  int64_t sample_size(int64_t channels) const { return channels * split_h * split_w * plane_stride; }
+  int64_t plane_start(int64_t c, int64_t a, int64_t b) const { return ((c * split_h + a) * split_w + b) * plane_stride; }
 };
+
+constexpr int64_t kLineFloats = 16;  // floats per 64-byte cache line
+
+// An odd number of cache lines that holds `floats`.
+int64_t odd_lines(int64_t floats) {
+  const int64_t lines = (floats + kLineFloats - 1) / kLineFloats;
+  return (lines | 1) * kLineFloats;
+}
+
+bool reads_in_place(const ConvShape& s) {
+  return !s.transposed && s.pad_h == 0 && s.pad_w == 0 && s.stride_h == 1 && s.stride_w == 1;
+}
 
 struct Plan {
   bool in_place;  // read x itself: no padding, stride 1
@@ -114,12 +129,21 @@ struct Plan {
   std::vector<Phase> phases;
 };
 
-// Input channels per group: a channel's taps read up to kh rows in each of min(kw, stride_w)
-// column phases, of one pixel block plus the kernel's reach.
-int64_t group_channels(const ConvShape& s) {
-  const int64_t rows = s.kh * std::min(s.kw, s.stride_w);
-  const int64_t bytes = rows * (kBlockPixels + (s.kw - 1) * s.dilation_w) * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(1, kGroupInputBytes / bytes);
+// Input channels per group. Small enough that the rows of a group the taps read for one block
+// of pixels and one output row stay in L1: a conv's tap (i, j) reads row i * dilation / stride of
+// column phase j * dilation % stride, so kh rows in each of min(kw, stride_w) phase planes; an
+// output phase of a transposed conv reads only its taps, (kh - 1) * dilation / stride + 1 rows of
+// the one plane. But large enough that an output channel has about kMinGroupNonzeros nonzeros
+// in a group, to pay for loading and storing its partial sums: at high sparsity the group
+// outgrows L1 and its rows come from L2, as without groups.
+int64_t group_channels(const ConvShape& s, int64_t nnz) {
+  const int64_t rows = s.transposed ? (s.kh - 1) * s.dilation_h / s.stride_h + 1 : s.kh * std::min(s.kw, s.stride_w);
+  const int64_t bytes = rows * (kBlockPixels + (s.kw - 1) * s.dilation_w / s.stride_w) * static_cast<int64_t>(sizeof(float));
+  const int64_t phases = s.transposed ? s.stride_h * s.stride_w : 1;
+  // Nonzeros per input channel, output channel and phase, times kMinGroupNonzeros.
+  const double per_channel = static_cast<double>(nnz) / (s.c_out * s.c_in * phases);
+  const int64_t for_nonzeros = per_channel > 0 ? static_cast<int64_t>(kMinGroupNonzeros / per_channel) : s.c_in;
+  return std::clamp<int64_t>(std::max(kGroupInputBytes / bytes, for_nonzeros), 1, s.c_in);
 }
 
 // The output coordinates of one transposed-conv output phase along one axis: outputs first * s +
@@ -152,23 +176,27 @@ void transposed_axis_padding(int64_t in_size, int64_t out_size, int64_t k, int64
   *length = *before + max_last + 1;
 }
 
+// The layout the kernel reads: x's own (one plane [h, w] per channel) when reads_in_place.
 PaddedLayout padded_layout(const ConvShape& s) {
+  if (reads_in_place(s)) return {1, 1, 0, 0, s.h, s.w, s.h * s.w};
+  PaddedLayout layout{s.stride_h, s.stride_w, s.pad_h, s.pad_w, 0, 0, 0};
   if (!s.transposed) {
-    const int64_t padded_h = s.h + 2 * s.pad_h, padded_w = s.w + 2 * s.pad_w;
-    return {s.stride_h, s.stride_w, s.pad_h, s.pad_w, (padded_h + s.stride_h - 1) / s.stride_h,
-            (padded_w + s.stride_w - 1) / s.stride_w};
+    layout.plane_h = (s.h + 2 * s.pad_h + s.stride_h - 1) / s.stride_h;
+    layout.pitch = (s.w + 2 * s.pad_w + s.stride_w - 1) / s.stride_w;
+  } else {
+    layout.split_h = layout.split_w = 1;
+    transposed_axis_padding(s.h, s.oh, s.kh, s.stride_h, s.pad_h, s.dilation_h, &layout.top, &layout.plane_h);
+    transposed_axis_padding(s.w, s.ow, s.kw, s.stride_w, s.pad_w, s.dilation_w, &layout.left, &layout.pitch);
   }
-  PaddedLayout layout{1, 1, 0, 0, 0, 0};
-  transposed_axis_padding(s.h, s.oh, s.kh, s.stride_h, s.pad_h, s.dilation_h, &layout.top, &layout.plane_h);
-  transposed_axis_padding(s.w, s.ow, s.kw, s.stride_w, s.pad_w, s.dilation_w, &layout.left, &layout.pitch);
+  layout.plane_stride = odd_lines(layout.plane_h * layout.pitch);
   return layout;
 }
 
 Plan make_plan(CsrWeight weight, const ConvShape& s) {
   Plan plan;
   plan.layout = padded_layout(s);
-  plan.in_place = !s.transposed && s.pad_h == 0 && s.pad_w == 0 && s.stride_h == 1 && s.stride_w == 1;
-  plan.group_channels = group_channels(s);
+  plan.in_place = reads_in_place(s);
+  plan.group_channels = group_channels(s, weight.row_offsets[s.c_out]);
   plan.groups = (s.c_in + plan.group_channels - 1) / plan.group_channels;
   const PaddedLayout& layout = plan.layout;
   if (!s.transposed) {
@@ -215,7 +243,7 @@ void pad_input(const float* x, float* padded, const ConvShape& s, const PaddedLa
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.c_in, c = task % s.c_in;
       float* sample = padded + n * layout.sample_size(s.c_in);
-      std::memset(sample + layout.plane_start(c, 0, 0), 0, planes_per_channel * layout.plane_size() * sizeof(float));
+      std::memset(sample + layout.plane_start(c, 0, 0), 0, planes_per_channel * layout.plane_stride * sizeof(float));
       const float* channel = x + task * s.h * s.w;  // [h, w]
       for (int64_t y = 0; y < s.h; ++y) {
         const int64_t Y = y + layout.top;
@@ -233,9 +261,10 @@ void pad_input(const float* x, float* padded, const ConvShape& s, const PaddedLa
 
 // --- register blocks -------------------------------------------------------------------------
 
-// acc[0, count) += sum over the nonzeros of value * in[offset + p]; the portable copy, which the
-// compiler vectorises for the baseline instruction set.
-void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
+// acc[0, count) (+)= sum over the nonzeros of value * in[offset + p], starting from 0 when
+// `first`; the portable copy, which the compiler vectorises for the baseline instruction set.
+void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc, bool first) {
+  if (first) std::fill(acc, acc + count, 0.f);
   for (; nz != end; ++nz) {
     const float* row = in + nz->offset;
     const float w = nz->value;
@@ -243,48 +272,6 @@ void block_portable(const float* in, const Nonzero* nz, const Nonzero* end, int6
     for (int64_t p = 0; p < count; ++p) acc[p] += w * row[p];
   }
 }
-
-#if defined(__x86_64__)
-#define GS_AVX2 __attribute__((target("avx2,fma")))
-
-// acc_io[0, 8 V) += the nonzeros' products, with V vectors of accumulators in registers; the
-// buffer is 32-byte aligned and 8 V long even when fewer pixels are valid. With kMasked the last vector loads only the lanes
-// `last` selects, so no read passes the end of the output row.
-template <int V, bool kMasked>
-GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, __m256i last, float* acc_io) {
-  __m256 acc[V];
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_load_ps(acc_io + v * kLanes);
-  for (; nz != end; ++nz) {
-    const float* row = in + nz->offset;
-    const __m256 w = _mm256_set1_ps(nz->value);
-#pragma GCC unroll 8
-    for (int v = 0; v < V - 1; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + v * kLanes), acc[v]);
-    const float* tail = row + (V - 1) * kLanes;
-    const __m256 x = kMasked ? _mm256_maskload_ps(tail, last) : _mm256_loadu_ps(tail);
-    acc[V - 1] = _mm256_fmadd_ps(w, x, acc[V - 1]);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) _mm256_store_ps(acc_io + v * kLanes, acc[v]);
-}
-
-GS_AVX2 void block_avx2_any(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
-  if (count == kBlockPixels) return block_avx2<8, false>(in, nz, end, __m256i{}, acc);
-  const int vectors = static_cast<int>((count + kLanes - 1) / kLanes);
-  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count - (vectors - 1) * kLanes)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  switch (vectors) {
-    case 1: return block_avx2<1, true>(in, nz, end, last, acc);
-    case 2: return block_avx2<2, true>(in, nz, end, last, acc);
-    case 3: return block_avx2<3, true>(in, nz, end, last, acc);
-    case 4: return block_avx2<4, true>(in, nz, end, last, acc);
-    case 5: return block_avx2<5, true>(in, nz, end, last, acc);
-    case 6: return block_avx2<6, true>(in, nz, end, last, acc);
-    case 7: return block_avx2<7, true>(in, nz, end, last, acc);
-    default: return block_avx2<8, true>(in, nz, end, last, acc);
-  }
-}
-#endif
 
 // out[p * step] = act(acc[p] + bias) for p < count.
 template <Activation A>
@@ -298,7 +285,8 @@ GS_INLINE_LAMBDA inline void store_block(const float* acc, int64_t count, float 
   }
 }
 
-void store(const float* acc, int64_t count, float bias, Activation activation, float slope, float* out, int64_t step) {
+GS_INLINE_LAMBDA inline void store_any(const float* acc, int64_t count, float bias, Activation activation, float slope,
+                                       float* out, int64_t step) {
   switch (activation) {
     case Activation::kRelu: return store_block<Activation::kRelu>(acc, count, bias, slope, out, step);
     case Activation::kLeakyRelu: return store_block<Activation::kLeakyRelu>(acc, count, bias, slope, out, step);
@@ -306,6 +294,66 @@ void store(const float* acc, int64_t count, float bias, Activation activation, f
     default: return store_block<Activation::kNone>(acc, count, bias, slope, out, step);
   }
 }
+
+void store_portable(const float* acc, int64_t count, float bias, Activation activation, float slope, float* out,
+                    int64_t step) {
+  store_any(acc, count, bias, activation, slope, out, step);
+}
+
+#if defined(__x86_64__)
+#define GS_AVX2 __attribute__((target("avx2,fma")))
+
+// acc_io[0, 8 V) (+)= the nonzeros' products, with V vectors of accumulators in registers that
+// start from 0 with kFirst, else from acc_io (32-byte aligned, 8 V long even when fewer pixels
+// are valid). With kMasked the last vector loads only the lanes `last` selects, so no read
+// passes the end of the output row.
+template <int V, bool kMasked, bool kFirst>
+GS_AVX2 void block_avx2(const float* in, const Nonzero* nz, const Nonzero* end, __m256i last, float* acc_io) {
+  __m256 acc[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) acc[v] = kFirst ? _mm256_setzero_ps() : _mm256_load_ps(acc_io + v * kLanes);
+  for (; nz != end; ++nz) {
+    const float* row = in + nz->offset;
+    const __m256 w = _mm256_set1_ps(nz->value);
+#pragma GCC unroll 8
+    for (int v = 0; v < V - 1; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + v * kLanes), acc[v]);
+    const float* tail = row + (V - 1) * kLanes;
+    const __m256 x = kMasked ? _mm256_maskload_ps(tail, last) : _mm256_loadu_ps(tail);
+    acc[V - 1] = _mm256_fmadd_ps(w, x, acc[V - 1]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) _mm256_store_ps(acc_io + v * kLanes, acc[v]);
+}
+
+template <bool kFirst>
+GS_AVX2 void block_avx2_count(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc) {
+  if (count == kBlockPixels) return block_avx2<8, false, kFirst>(in, nz, end, __m256i{}, acc);
+  const int vectors = static_cast<int>((count + kLanes - 1) / kLanes);
+  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count - (vectors - 1) * kLanes)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  switch (vectors) {
+    case 1: return block_avx2<1, true, kFirst>(in, nz, end, last, acc);
+    case 2: return block_avx2<2, true, kFirst>(in, nz, end, last, acc);
+    case 3: return block_avx2<3, true, kFirst>(in, nz, end, last, acc);
+    case 4: return block_avx2<4, true, kFirst>(in, nz, end, last, acc);
+    case 5: return block_avx2<5, true, kFirst>(in, nz, end, last, acc);
+    case 6: return block_avx2<6, true, kFirst>(in, nz, end, last, acc);
+    case 7: return block_avx2<7, true, kFirst>(in, nz, end, last, acc);
+    default: return block_avx2<8, true, kFirst>(in, nz, end, last, acc);
+  }
+}
+
+GS_AVX2 void block_avx2_any(const float* in, const Nonzero* nz, const Nonzero* end, int64_t count, float* acc,
+                            bool first) {
+  if (first) return block_avx2_count<true>(in, nz, end, count, acc);
+  block_avx2_count<false>(in, nz, end, count, acc);
+}
+
+GS_AVX2 void store_avx2(const float* acc, int64_t count, float bias, Activation activation, float slope, float* out,
+                        int64_t step) {
+  store_any(acc, count, bias, activation, slope, out, step);
+}
+#endif
 
 }  // namespace
 
@@ -317,7 +365,6 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
   const int64_t work = s.n * s.oh * s.ow * std::max<int64_t>(weight.row_offsets[s.c_out], s.c_out) /
                        (s.transposed ? s.stride_h * s.stride_w : 1);
   num_threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, num_threads));
-  // In place, the layout is x's own: one plane [h, w] per channel.
   const int64_t sample_size = plan.layout.sample_size(s.c_in), pitch = plan.layout.pitch;
   std::vector<float> padded;
   const float* input = x;
@@ -350,7 +397,7 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
         for (int64_t u = 0; u < phase.cols; u += kBlockPixels) {
           const int64_t count = std::min(kBlockPixels, phase.cols - u);
           const float* in = sample + t * pitch + u;
-          std::fill(partial, partial + o_count * kBlockPixels, 0.f);
+          bool started[kChannelsPerTask] = {};  // whether a channel's partial sums are in `partial` yet
           for (int64_t group = 0; group < plan.groups; ++group) {
             const int32_t* starts = phase.starts.data() + group * s.c_out + o_begin;
             for (int64_t k = 0; k < o_count; ++k) {
@@ -360,20 +407,31 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
               float* acc = partial + k * kBlockPixels;
 #if defined(__x86_64__)
               if constexpr (decltype(isa)::value == Isa::avx2) {
-                block_avx2_any(in, nz, nz_end, count, acc);
+                block_avx2_any(in, nz, nz_end, count, acc, !started[k]);
               } else {
-                block_portable(in, nz, nz_end, count, acc);
+                block_portable(in, nz, nz_end, count, acc, !started[k]);
               }
 #else
-              block_portable(in, nz, nz_end, count, acc);
+              block_portable(in, nz, nz_end, count, acc, !started[k]);
 #endif
+              started[k] = true;
             }
           }
           for (int64_t k = 0; k < o_count; ++k) {
             const int64_t o = o_begin + k;
+            float* acc = partial + k * kBlockPixels;
+            if (!started[k]) std::fill(acc, acc + count, 0.f);  // no nonzeros: the bias alone
             float* out_row = out + ((n * s.c_out + o) * s.oh + phase.y0 + t * step_h) * s.ow + phase.x0;
-            store(partial + k * kBlockPixels, count, bias != nullptr ? bias[o] : 0.f, activation, negative_slope,
-                  out_row + u * step_w, step_w);
+            const float b = bias != nullptr ? bias[o] : 0.f;
+#if defined(__x86_64__)
+            if constexpr (decltype(isa)::value == Isa::avx2) {
+              store_avx2(acc, count, b, activation, negative_slope, out_row + u * step_w, step_w);
+            } else {
+              store_portable(acc, count, b, activation, negative_slope, out_row + u * step_w, step_w);
+            }
+#else
+            store_portable(acc, count, b, activation, negative_slope, out_row + u * step_w, step_w);
+#endif
           }
         }
       }
