@@ -15,8 +15,10 @@ from gansparse.ops.bias_act import compiled_ops
 
 HAS_GPU = torch.cuda.is_available()
 COMPILED = [pytest.param("cpu", id="cpu"),
-            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU"))]
-DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")),
+            pytest.param("triton", id="triton", marks=pytest.mark.triton)]
+# Triton runs CUDA tensors on a GPU, else CPU tensors in its interpreter.
+DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda" if HAS_GPU else "cpu"}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 # [N, C, *] shapes: a linear layer's output, convs' (batch 1, odd sizes), a 3-D and a 5-D one.
@@ -98,7 +100,7 @@ def test_bias_gradient_is_exact_for_many_positions():
     torch.testing.assert_close(grad_bias.double(), expected, rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["ref"] + COMPILED)
+@pytest.mark.parametrize("impl", [pytest.param("ref", id="ref")] + COMPILED)
 def test_gradcheck_and_gradgradcheck(impl):
     device = DEVICE.get(impl, "cpu")
     for shape, layout in (((2, 3, 2, 3), "channels_last"), ((3, 4), "contiguous")):
@@ -131,6 +133,18 @@ def test_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.triton
+def test_opcheck_triton_ops():
+    import gansparse.kernels.bias_act  # noqa: F401  (registers the ops)
+
+    x = make_input((2, 3, 4, 5), "channels_last", device=DEVICE["triton"])
+    bias = torch.randn(3, device=DEVICE["triton"], requires_grad=True)
+    torch.library.opcheck(torch.ops.gansparse.fused_leaky_relu_triton.default, (x, bias, 0.2, 1.4))
+    torch.library.opcheck(torch.ops.gansparse.fused_leaky_relu_backward_triton.default,
+                          (torch.randn_like(x), x.detach(), bias.detach(), 0.2, 1.4, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 X = torch.randn(2, 3, 4, 4)
@@ -148,7 +162,7 @@ X = torch.randn(2, 3, 4, 4)
     (dict(bias=[0.0] * 3), TypeError, "bias must be a torch.Tensor or None"),
     (dict(negative_slope="0.2"), TypeError, "negative_slope must be a number"),
     (dict(scale=None), TypeError, "scale must be a number"),
-    (dict(impl="triton"), ValueError, "impl must be one of"),
+    (dict(impl="numpy"), ValueError, "impl must be one of"),
 ])
 @pytest.mark.parametrize("impl", ["ref", "cpu"])
 def test_bad_input_raises_naming_the_argument(kwargs, error, match, impl):

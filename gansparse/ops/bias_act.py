@@ -10,6 +10,7 @@ Backends:
   output: the slope is chosen by the sign of x + bias, exactly as torch's leaky_relu chooses it.
   The backward op is linear in grad_out, so the gradient of the gradient (R1, path-length
   regularisation) is the backward op again.
+- triton: gansparse::fused_leaky_relu_triton and its backward (kernels/bias_act.py), the same ops.
 
 The compiled ops:
     fused_leaky_relu(x, bias?, negative_slope, scale) -> out
@@ -27,7 +28,7 @@ import torch
 from .. import _dispatch, _ext
 from .bias_act_ref import fused_leaky_relu_ref
 
-BACKENDS = ("ref", "cpu", "cuda")
+BACKENDS = ("ref", "cpu", "cuda", "triton")
 
 
 # --- the compiled ops: fake kernels and autograd -----------------------------------------------
@@ -69,31 +70,39 @@ def _setup_context(ctx, inputs, output):
     ctx.negative_slope, ctx.scale = negative_slope, scale
 
 
-def _backward(ctx, grad_out):
-    x, bias = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = torch.ops.gansparse.fused_leaky_relu_backward(
-        grad_out.contiguous(memory_format=output_layout(x)), x, bias, ctx.negative_slope, ctx.scale, bias_grad)
-    return grad_x, grad_bias if bias_grad else None, None, None
-
-
 def _setup_backward_context(ctx, inputs, output):
     _grad_out, x, bias, negative_slope, scale, _bias_grad = inputs
     ctx.save_for_backward(x, bias)
     ctx.negative_slope, ctx.scale = negative_slope, scale
 
 
-def _backward_of_backward(ctx, grad_grad_x, grad_grad_bias):
-    """grad_x = grad_out * slope(x + b) * scale and grad_bias = its channel sums, both linear in
-    grad_out with a derivative of 0 in x and b (almost everywhere): so grad_out's gradient is the
-    backward op applied to grad_grad_x + grad_grad_bias[c]."""
-    x, bias = ctx.saved_tensors
-    upstream = grad_grad_x
-    if grad_grad_bias is not None and grad_grad_bias.numel() > 0:
-        upstream = upstream + grad_grad_bias.view(1, -1, *([1] * (x.dim() - 2)))
-    grad_out, _ = torch.ops.gansparse.fused_leaky_relu_backward(
-        upstream.contiguous(memory_format=output_layout(x)), x, bias, ctx.negative_slope, ctx.scale, False)
-    return grad_out, None, None, None, None, None
+def register(forward_name: str, backward_name: str, backward_op) -> None:
+    """Fake kernels and autograd of a forward and backward op pair with the schemas above;
+    backward_op is the backward op's callable."""
+
+    def backward(ctx, grad_out):
+        x, bias = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[1]
+        grad_x, grad_bias = backward_op(grad_out.contiguous(memory_format=output_layout(x)), x, bias,
+                                        ctx.negative_slope, ctx.scale, bias_grad)
+        return grad_x, grad_bias if bias_grad else None, None, None
+
+    def backward_of_backward(ctx, grad_grad_x, grad_grad_bias):
+        """grad_x = grad_out * slope(x + b) * scale and grad_bias = its channel sums, both linear in
+        grad_out with a derivative of 0 in x and b (almost everywhere): so grad_out's gradient is
+        the backward op applied to grad_grad_x + grad_grad_bias[c]."""
+        x, bias = ctx.saved_tensors
+        upstream = grad_grad_x
+        if grad_grad_bias is not None and grad_grad_bias.numel() > 0:
+            upstream = upstream + grad_grad_bias.view(1, -1, *([1] * (x.dim() - 2)))
+        grad_out, _ = backward_op(upstream.contiguous(memory_format=output_layout(x)), x, bias, ctx.negative_slope,
+                                  ctx.scale, False)
+        return grad_out, None, None, None, None, None
+
+    torch.library.register_fake(forward_name)(_fake)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+    torch.library.register_autograd(backward_name, backward_of_backward, setup_context=_setup_backward_context)
 
 
 @functools.cache
@@ -102,19 +111,18 @@ def compiled_ops():
     registered, or None without the compiled extension."""
     if _ext.extension() is None or not hasattr(torch.ops.gansparse, "fused_leaky_relu_backward"):
         return None
-    torch.library.register_fake("gansparse::fused_leaky_relu")(_fake)
-    torch.library.register_fake("gansparse::fused_leaky_relu_backward")(_fake_backward)
-    torch.library.register_autograd("gansparse::fused_leaky_relu", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("gansparse::fused_leaky_relu_backward", _backward_of_backward,
-                                    setup_context=_setup_backward_context)
-    return torch.ops.gansparse.fused_leaky_relu, torch.ops.gansparse.fused_leaky_relu_backward
+    ops = torch.ops.gansparse
+    register("gansparse::fused_leaky_relu", "gansparse::fused_leaky_relu_backward", ops.fused_leaky_relu_backward)
+    return ops.fused_leaky_relu, ops.fused_leaky_relu_backward
 
 
 @_dispatch.trace_time_constant
 def _backend(device: torch.device, impl: str | None) -> str:
     backend = _dispatch.select("fused_leaky_relu", device, impl, available=BACKENDS,
                                compiled_op="fused_leaky_relu_backward")
-    if backend != "ref":
+    if backend == "triton":
+        from ..kernels import bias_act  # noqa: F401  (registers gansparse::fused_leaky_relu_triton)
+    elif backend != "ref":
         compiled_ops()
     return backend
 
@@ -127,7 +135,7 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None = None, negative
     """scale * leaky_relu(x + bias[c], negative_slope) in one pass.
 
     x: [N, C, *] floating point (a linear layer's [N, C] or a conv's [N, C, H, W]).
-    bias: [C] or None. impl: 'ref', 'cpu' or 'cuda' (default: the fastest available).
+    bias: [C] or None. impl: 'ref', 'cpu', 'cuda' or 'triton' (default: the fastest available).
     The output has x's layout (channels_last when x is).
     """
     if not isinstance(x, torch.Tensor):
@@ -150,4 +158,5 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None = None, negative
     backend = _backend(x.device, impl)
     if backend == "ref":
         return fused_leaky_relu_ref(x, bias, float(negative_slope), float(scale))
-    return torch.ops.gansparse.fused_leaky_relu(x, bias, float(negative_slope), float(scale))
+    op = torch.ops.gansparse.fused_leaky_relu_triton if backend == "triton" else torch.ops.gansparse.fused_leaky_relu
+    return op(x, bias, float(negative_slope), float(scale))

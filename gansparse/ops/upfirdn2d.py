@@ -14,6 +14,8 @@ Backends:
   that touches it and skips the inserted zeros. Its gradient is itself an upfirdn2d: of the
   upstream gradient, with the flipped kernel, up and down swapped and the complementary padding;
   so the gradient of the gradient is one too.
+- triton: gansparse::upfirdn2d_triton (kernels/upfirdn2d.py), the same op for any strides, with
+  the same gradient.
 
 The compiled op:
     upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1) -> out
@@ -28,7 +30,7 @@ import torch
 from .. import _dispatch, _ext
 from .upfirdn2d_ref import upfirdn2d_ref
 
-BACKENDS = ("ref", "cpu", "cuda")
+BACKENDS = ("ref", "cpu", "cuda", "triton")
 
 
 # --- the compiled op: fake kernel and autograd -----------------------------------------------
@@ -84,15 +86,21 @@ def _setup_context(ctx, inputs, output):
     ctx.out_size = output.shape[2:]
 
 
-def _backward(ctx, grad_out):
-    (kernel,) = ctx.saved_tensors
-    up_x, up_y, down_x, down_y, pad_x0, _, pad_y0, _ = ctx.params
-    (in_h, in_w), (out_h, out_w) = ctx.in_size, ctx.out_size
-    gx0, gx1 = gradient_padding(in_w, out_w, up_x, down_x, pad_x0, kernel.shape[1])
-    gy0, gy1 = gradient_padding(in_h, out_h, up_y, down_y, pad_y0, kernel.shape[0])
-    grad_x = torch.ops.gansparse.upfirdn2d(grad_out, kernel.flip(0, 1), down_x, down_y, up_x, up_y,
-                                           gx0, gx1, gy0, gy1)
-    return grad_x, None, None, None, None, None, None, None, None, None
+def register(name: str, op) -> None:
+    """The fake kernel and the autograd of `name`, an op with the upfirdn2d schema that `op`
+    calls: its gradient is `op` again, so it has a gradient too."""
+
+    def backward(ctx, grad_out):
+        (kernel,) = ctx.saved_tensors
+        up_x, up_y, down_x, down_y, pad_x0, _, pad_y0, _ = ctx.params
+        (in_h, in_w), (out_h, out_w) = ctx.in_size, ctx.out_size
+        gx0, gx1 = gradient_padding(in_w, out_w, up_x, down_x, pad_x0, kernel.shape[1])
+        gy0, gy1 = gradient_padding(in_h, out_h, up_y, down_y, pad_y0, kernel.shape[0])
+        grad_x = op(grad_out, kernel.flip(0, 1), down_x, down_y, up_x, up_y, gx0, gx1, gy0, gy1)
+        return grad_x, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_fake(name)(_fake)
+    torch.library.register_autograd(name, backward, setup_context=_setup_context)
 
 
 @functools.cache
@@ -101,15 +109,16 @@ def compiled_ops():
     without the compiled extension."""
     if _ext.extension() is None or not hasattr(torch.ops.gansparse, "upfirdn2d"):
         return None
-    torch.library.register_fake("gansparse::upfirdn2d")(_fake)
-    torch.library.register_autograd("gansparse::upfirdn2d", _backward, setup_context=_setup_context)
+    register("gansparse::upfirdn2d", torch.ops.gansparse.upfirdn2d)
     return torch.ops.gansparse.upfirdn2d
 
 
 @_dispatch.trace_time_constant
 def _backend(device: torch.device, impl: str | None) -> str:
     backend = _dispatch.select("upfirdn2d", device, impl, available=BACKENDS)
-    if backend != "ref":
+    if backend == "triton":
+        from ..kernels import upfirdn2d  # noqa: F401  (registers gansparse::upfirdn2d_triton)
+    elif backend != "ref":
         compiled_ops()
     return backend
 
@@ -132,7 +141,7 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up=1, down=1, pad=(0, 0), *
     x: [N, C, H, W] floating point. kernel: [kH, kW] (cast to x's dtype; no gradient flows to it).
     up, down: positive ints, or (x, y) pairs. pad: (p0, p1) on both axes, as the StyleGAN2
         reference's upfirdn2d takes it, or (x0, x1, y0, y1); negative values crop.
-    impl: 'ref', 'cpu' or 'cuda' (default: the fastest available for x's device).
+    impl: 'ref', 'cpu', 'cuda' or 'triton' (default: the fastest available for x's device).
     Returns [N, C, (H * up_y + y0 + y1 - kH) // down_y + 1, (W * up_x + x0 + x1 - kW) // down_x + 1],
     channels_last when x is.
     """
@@ -158,4 +167,5 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up=1, down=1, pad=(0, 0), *
     backend = _backend(x.device, impl)
     if backend == "ref":
         return upfirdn2d_ref(x, kernel, (up_x, up_y), (down_x, down_y), pads)
-    return torch.ops.gansparse.upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, *pads)
+    op = torch.ops.gansparse.upfirdn2d_triton if backend == "triton" else torch.ops.gansparse.upfirdn2d
+    return op(x, kernel, up_x, up_y, down_x, down_y, *pads)
