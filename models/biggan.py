@@ -186,9 +186,10 @@ class SNLinear(SpectralNorm, nn.Linear):
 
 class SNEmbedding(SpectralNorm, nn.Embedding):
     """BigGAN-PyTorch's SNEmbedding (the class embedding of the projection discriminator): the
-    rows of W are the embeddings, so u has num_embeddings entries."""
+    rows of W are the embeddings, so u has num_embeddings entries. The spectral-norm arguments are
+    keyword-only: the reference has nn.Embedding's optional arguments (unused here) before them."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, num_svs: int = 1, num_itrs: int = 1,
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, num_svs: int = 1, num_itrs: int = 1,
                  eps: float = 1e-12) -> None:
         nn.Embedding.__init__(self, num_embeddings, embedding_dim)
         self._init_spectral_norm(num_svs, num_itrs, eps)
@@ -418,7 +419,7 @@ def _check_options(resolution, attn: str, name: str, activation, kernel_size, ke
         raise ValueError(f"{name[0]}_activation must be an nn.ReLU (the fused norm + mask + activation runs ReLU), "
                          f"got {activation!r}")
     if kernel_size != 3:
-        raise ValueError(f"{kernel_name} must be 3 (the reference's convs are 3x3 whatever it is), got {kernel_size!r}")
+        raise ValueError(f"{kernel_name} must be 3 (the reference ignores it: its convs are 3x3), got {kernel_size!r}")
     if init not in INITS:
         raise ValueError(f"{init_name} must be one of {INITS}, got {init!r}")
 
@@ -601,7 +602,7 @@ class Discriminator(nn.Module):
             blocks.append(nn.ModuleList(block))
         self.blocks = nn.ModuleList(blocks)
         self.linear = linear(out_widths[-1], output_dim)
-        self.embed = SNEmbedding(n_classes, out_widths[-1], num_D_SVs, num_D_SV_itrs, SN_eps)
+        self.embed = SNEmbedding(n_classes, out_widths[-1], num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
         if not skip_init:
             _init_weights(self, D_init)
 
