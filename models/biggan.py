@@ -30,7 +30,8 @@ Pieces, each with the reference's keys:
 mask (Generator): None, or a mask kind of gansparse.masks ('sigmoid', 'dmad', 'hard') after the
 second CBN of every G block, i.e. on the channels between conv1 and conv2, after the
 class-conditional affine and before the ReLU, where PPCD-GAN puts its learnable masks. The mask
-adds `blocks.<i>.0.bn2.mask.*` keys only. (PPCD-GAN's second mask, after conv2, needs its 1x1
+adds `blocks.<i>.0.bn2.mask.*` keys only: gansparse.models.load_reference_state_dict(G, checkpoint)
+loads a reference checkpoint into a masked G. (PPCD-GAN's second mask, after conv2, needs its 1x1
 transition layer before the residual sum, which is not part of this layout; SNConv2d takes a
 `mask` for that use.) The norms run as gansparse's fused norm + mask + ReLU op.
 
