@@ -103,20 +103,22 @@ def traffic(shape: Shape, sparse) -> tuple[float, float, float]:
 
 
 def break_even(shape: Shape) -> str:
-    """The sparsity from which the sparse kernel is faster than dense, interpolated between the
-    measured sparsities."""
-    previous = None
+    """The sparsity from which the sparse kernel is faster than dense at every measured sparsity,
+    interpolated between the two measured sparsities around it."""
+    ratios = []
     for sparsity in SWEEP:
         dense, kernel, *_ = calls(shape, sparsity)
-        ratio = harness.compare(dense, kernel, SWEEP_ROUNDS).ratio
-        print(f"    {int(sparsity * 100)}%: {ratio:.2f}x")
-        if ratio >= 1:
-            if previous is None:
-                return f"<= {sparsity:.0%}"
-            (s0, r0) = previous
-            return f"{s0 + (1 - r0) / (ratio - r0) * (sparsity - s0):.0%}"
-        previous = (sparsity, ratio)
-    return f"> {SWEEP[-1]:.0%}"
+        ratios.append(harness.compare(dense, kernel, SWEEP_ROUNDS).ratio)
+        print(f"    {sparsity:.0%}: {ratios[-1]:.2f}x")
+    first = len(SWEEP)  # the first sparsity from which every ratio is >= 1
+    while first > 0 and ratios[first - 1] >= 1:
+        first -= 1
+    if first == 0:
+        return f"<= {SWEEP[0]:.0%}"
+    if first == len(SWEEP):
+        return f"> {SWEEP[-1]:.0%}"
+    (s0, r0), (s1, r1) = (SWEEP[first - 1], ratios[first - 1]), (SWEEP[first], ratios[first])
+    return f"{s0 + (1 - r0) / (r1 - r0) * (s1 - s0):.0%}"
 
 
 def shape_rows(m: harness.Machine, shape: Shape) -> list[dict[str, str]]:
