@@ -23,17 +23,18 @@
 // Cache blocking: one output channel's taps read rows of every input channel, far more than
 // L1 holds, so each output row block would come from L2, a vector per FMA. Instead the input
 // channels are split into groups whose rows for one block of 64 output pixels fit in about half
-// of L1, and the nonzeros are sorted by (group, output channel). For a block of pixels, every
-// group in turn serves every output channel of the task from L1, while the channels' partial
-// sums wait in a small L1 buffer between groups (8 vector loads and stores per group and channel
-// instead of per nonzero). After the last group, bias + activation are applied and the block is
-// stored.
+// of L1 (see group_channels), and the nonzeros are sorted by (group, output channel). For a block
+// of pixels, every group in turn serves every output channel of the task from L1, while the
+// channels' partial sums wait in a small L1 buffer between groups (8 vector loads and stores per
+// group and channel instead of per nonzero; the first group starts from zeros in registers).
+// After the last group, bias + activation are applied and the block is stored.
 //
 // Parallel tasks are (sample, phase, block of output rows, block of output channels), ordered so
 // that each thread's contiguous share spans all the channels of some rows: the work per thread
 // does not depend on how the nonzeros are spread over the channels.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -366,12 +367,12 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
                        (s.transposed ? s.stride_h * s.stride_w : 1);
   num_threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, num_threads));
   const int64_t sample_size = plan.layout.sample_size(s.c_in), pitch = plan.layout.pitch;
-  std::vector<float> padded;
+  std::unique_ptr<float[]> padded;  // uninitialised: pad_input writes every value
   const float* input = x;
   if (!plan.in_place) {
-    padded.resize(s.n * sample_size);
-    pad_input(x, padded.data(), s, plan.layout, num_threads);
-    input = padded.data();
+    padded.reset(new float[s.n * sample_size]);
+    pad_input(x, padded.get(), s, plan.layout, num_threads);
+    input = padded.get();
   }
   const int64_t step_h = s.transposed ? s.stride_h : 1, step_w = s.transposed ? s.stride_w : 1;
   const int64_t phases = static_cast<int64_t>(plan.phases.size());
