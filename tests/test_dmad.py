@@ -1,14 +1,26 @@
 """DMAD (`--method dmad`): its pieces against the paper's formulas on hand-built examples, and
 small end-to-end runs (search to a MACs target, compact export, fine-tuning, resume)."""
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import gansparse
+from gansparse import export
+
 from gansparse.masks import DMADMask, binarize_masks_, dmad_group_coefficients
 from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator, residual_mask_groups
 from train.distill import FeatureTaps, default_attention_layers, default_discriminator_layers
+from train import checkpoint
 from train.methods.dmad import coattention_loss, compact_student, parse_macs
+from train.run import main
 
 
 def test_residual_group_is_the_stream_feeder_and_each_blocks_last_mask():
@@ -34,10 +46,13 @@ def test_group_coefficients_on_a_hand_built_group():
 
 
 def test_default_layers_are_the_papers():
+    # The outputs of model.9 and of blocks model.12, model.15 and model.18, the last ones as the
+    # inputs of the layers after them.
     G9 = ResnetGenerator(3, 3, ngf=4, norm="instance", n_blocks=9)
-    assert default_attention_layers(G9) == ["model.9", "model.12", "model.15", "model.18"]
-    assert default_attention_layers(ResnetGenerator(3, 3, ngf=4, n_blocks=3)) == [
-        "model.9", "model.10", "model.11", "model.12"]
+    assert default_attention_layers(G9) == ["model.9", "model.13.conv_block.0:in", "model.16.conv_block.0:in",
+                                            "model.19:in"]
+    assert default_attention_layers(ResnetGenerator(3, 3, ngf=4, n_blocks=3, padding_type="zero")) == [
+        "model.9", "model.11.conv_block.0:in", "model.12.conv_block.0:in", "model.13:in"]
     U = UnetGenerator(3, 3, 8, ngf=4)  # unet_256: 16 convolutions
     convs = [n for n, m in U.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     assert default_attention_layers(U) == [convs[1], convs[3], convs[11], convs[13]]
@@ -47,14 +62,16 @@ def test_default_layers_are_the_papers():
 
 def test_feature_taps_keep_the_first_forward_since_reset():
     G = ResnetGenerator(3, 3, ngf=4, norm="instance", n_blocks=3)
-    taps = FeatureTaps(G, ["model.9", ""])
+    taps = FeatureTaps(G, ["model.9", "model.13:in", ""])
+    block_output = FeatureTaps(G, ["model.12"])  # a module that runs as one: its own output
     x, y = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
-    taps.reset()
+    taps.reset(), block_output.reset()
     out = G(x)
     G(y)
-    feature, kept = taps.outputs()
+    feature, block, kept = taps.outputs()
     assert torch.equal(kept, out)
     assert feature.shape == (1, 16, 4, 4)
+    assert torch.equal(block, block_output.outputs()[0])
     taps.reset()
     with pytest.raises(RuntimeError, match="no output recorded"):
         taps.outputs()
@@ -102,3 +119,91 @@ def test_compact_student_matches_the_binarised_masked_student(norm):
         torch.testing.assert_close(compact(x), binary(x), atol=1e-5, rtol=0)
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in G.parameters())
     assert not any(m.frozen for m in G.modules() if isinstance(m, DMADMask))  # the student is untouched
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny, deterministic and on the CPU, so runs repeat exactly and take seconds.
+TINY = ["--device", "cpu", "--deterministic", "true", "--netG", "resnet_2blocks", "--ngf", "4", "--ndf", "4",
+        "--crop_size", "32", "--load_size", "32", "--batch_size", "2", "--pool_size", "3", "--log_every", "1",
+        "--sample_every", "1000", "--tensorboard", "false"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A dense CycleGAN teacher trained for a few steps."""
+    out = tmp_path_factory.mktemp("teacher")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["--method", "dense", "--preset", "smoke", *TINY, "--steps", "4", "--eval", "false",
+                     "--export", "false", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _dmad(teacher: Path, out: Path, *options: str) -> list[str]:
+    return ["--method", "dmad", "--preset", "smoke", *TINY, "--teacher", str(teacher), "--out", str(out), *options]
+
+
+def test_smoke_search_stops_at_the_macs_target_and_exports_the_compact_student(teacher, tmp_path, one_thread):
+    out = tmp_path / "dmad"
+    assert main(_dmad(teacher, out, "--steps", "60", "--finetune_steps", "4", "--target_macs", "50%",
+                      "--macs_every", "4", "--eval", "true", "--eval_size", "4", "--eval_fidelity", "false",
+                      "--eval_lpips", "false")) == 0
+    report = json.loads((out / "report.json").read_text())
+    teacher_macs, student_macs = report["teacher"]["macs"], report["student"]["macs"]
+    assert student_macs <= 0.5 * teacher_macs
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert report["steps"] < 60 + 4  # the search stopped early, at the target
+    _, state = checkpoint.load(checkpoint.latest(out))
+    assert max(step for step, _ in state["sparsity_history"]["G.overall"]) < 60
+    # The exported generator is the fine-tuned compact student, loadable without the training code.
+    exported = export.load(out / "export" / "generator.safetensors")
+    assert gansparse.profile(exported, torch.zeros(1, 3, 32, 32))["macs"] == student_macs
+
+
+def test_resume_mid_search_gives_the_uninterrupted_run(teacher, tmp_path, one_thread):
+    options = ["--steps", "12", "--finetune_steps", "6", "--checkpoint_every", "4", "--eval", "false",
+               "--export", "false"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    command = [sys.executable, "-m", "train.run", *_dmad(teacher, killed, *options)]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoints" / "step_00000004").exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+    interrupted_at = int(checkpoint.latest(killed).name.split("_")[1])
+    assert 4 <= interrupted_at < 12  # inside the search stage
+
+    assert main(_dmad(teacher, full, *options)) == 0
+    assert main(["--resume", str(killed)]) == 0  # through the rest of the search and the fine-tuning
+    full_tensors, full_state = checkpoint.load(checkpoint.latest(full))
+    resumed_tensors, resumed_state = checkpoint.load(checkpoint.latest(killed))
+    assert resumed_state["global_step"] == full_state["global_step"] == 18
+    assert resumed_state["history"] == full_state["history"]
+    assert resumed_tensors.keys() == full_tensors.keys()
+    for name, tensor in full_tensors.items():
+        assert torch.equal(tensor, resumed_tensors[name]), name
+
+
+def test_a_missing_teacher_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="option 'teacher' must be a directory"):
+        main(["--method", "dmad", "--preset", "smoke", "--out", str(tmp_path / "run")])

@@ -47,6 +47,8 @@ def test_write_report(tmp_path):
     assert "| fid | 40.5 | 45.25 |" in markdown and "| l1_vs_teacher | - | 0.125 |" in markdown
     assert "| psnr_vs_teacher | - | inf |" in markdown
     assert '"crop_size": 64' in markdown
+    # The last recorded sparsity of each layer: step 270, 270 * (i + 1) / 900.
+    assert "| blocks.0.mask | 270 | 30.0% |" in markdown and "| blocks.2.mask | 270 | 90.0% |" in markdown
     for link in ("plots/losses.png", "plots/sparsity.png"):
         assert f"]({link})" in markdown
         with Image.open(tmp_path / link) as image:

@@ -50,7 +50,7 @@ def write_report(run_dir, report: dict, history: dict[str, list[tuple[int, float
     if any(sparsity_history.values()):
         _plot_sparsity(sparsity_history, plots / "sparsity.png")
         figures.append(("Mask sparsity per layer", "plots/sparsity.png"))
-    _write_text(run_dir / "report.md", _markdown(report, figures, bool(any(sparsity_history.values()))))
+    _write_text(run_dir / "report.md", _markdown(report, figures, sparsity_history))
 
 
 def _check_report(report: dict) -> None:
@@ -124,7 +124,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _markdown(report: dict, figures: list[tuple[str, str]], has_sparsity: bool) -> str:
+def _markdown(report: dict, figures: list[tuple[str, str]], sparsity_history: dict[str, list]) -> str:
     student, teacher = report["student"], report.get("teacher")
     lines = [f"# {report['method']}: run report", "", f"Steps: {report['steps']}", ""]
 
@@ -154,7 +154,12 @@ def _markdown(report: dict, figures: list[tuple[str, str]], has_sparsity: bool) 
         lines += [f"### {title}", "", f"![{title}]({path})", ""]
     if not figures:
         lines += ["No losses were logged.", ""]
-    if not has_sparsity:
+    final_sparsity = {layer: series[-1] for layer, series in sparsity_history.items() if series}
+    if final_sparsity:
+        lines += ["### Final mask sparsity per layer", ""]
+        lines += _table(["layer", "step", "sparsity"], [[layer, str(step), f"{value:.1%}"]
+                                                        for layer, (step, value) in final_sparsity.items()]) + [""]
+    else:
         lines += ["No mask sparsity was recorded: the student has no masks.", ""]
 
     others = {key: value for key, value in report.items()

@@ -70,6 +70,7 @@ class DMAD(Dense):
         lambda_coatt=100.0,
         lambda_fea=1e-4,
         search_end=0.75,
+        mask_lr=0.0,
         finetune_steps=1000,
         target_macs="",
         macs_every=50,
@@ -81,11 +82,14 @@ class DMAD(Dense):
         coatt_reduction="sum",
     )
     presets = {
-        # Tiny CycleGAN on the synthetic unpaired set, compressed to a quarter of the teacher's MACs.
+        # Tiny CycleGAN on the synthetic unpaired set, searched down to a quarter of the teacher's
+        # MACs. Adam moves each mask parameter by about its learning rate per step, and the paper's
+        # searches run hundreds of thousands of steps: a search of tens of steps needs a larger
+        # mask learning rate and sparsity weight to get there.
         "smoke": dict(model="cyclegan", netG="resnet_3blocks", ngf=16, ndf=16, crop_size=32, load_size=32,
                       preprocess="none", steps=200, finetune_steps=100, batch_size=4, pool_size=16,
-                      lambda_spa=0.05, target_macs="25%", macs_every=20, log_every=10, sample_every=100,
-                      checkpoint_every=100, eval_size=32),
+                      lambda_spa=0.1, mask_lr=0.05, target_macs="25%", macs_every=10, log_every=10,
+                      sample_every=100, checkpoint_every=100, eval_size=32),
         # The paper's tasks; steps as the dense teacher's presets (the reference's epochs).
         "horse2zebra": dict(_CYCLEGAN, steps=266_800, finetune_steps=266_800),
         "summer2winter": dict(_CYCLEGAN, steps=246_200, finetune_steps=246_200),
@@ -144,12 +148,24 @@ class DMAD(Dense):
             return
         # The searched architecture is kept as a file, so a run resumed in this stage rebuilds it.
         searched = Path(self.cfg["out"]) / "search"
+        searched.mkdir(parents=True, exist_ok=True)
         for g, _ in self._directions():
-            path = searched / f"{g}.compact"
+            path = searched / f"{g}.safetensors"
             if not path.exists():
                 export.save(compact_student(self.nets[g], *self.example_inputs()), path)
             self.nets[g] = export.load(path).to(self.device).train()
         self._set_up_distillation()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The dense method's, with the masks' parameters in a group of their own at mask_lr (0: lr)."""
+        cfg = self.cfg
+        masks = [p for g, _ in self._directions() for m in self.nets[g].modules() if isinstance(m, DMADMask)
+                 for p in m.parameters()]
+        is_mask = {id(p) for p in masks}
+        weights = [p for g, _ in self._directions() for p in self.nets[g].parameters() if id(p) not in is_mask]
+        groups = [{"params": weights}] + ([{"params": masks, "lr": cfg["mask_lr"] or cfg["lr"]}] if masks else [])
+        G = torch.optim.Adam(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+        return dict(super().optimizers(), G=G)
 
     # --- losses -----------------------------------------------------------------------------
 
