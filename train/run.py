@@ -23,7 +23,7 @@ from .methods import METHODS, get_method
 __all__ = ["DEFAULT_COMPRESSION", "embedded_default", "main"]
 
 #: the compression methods the embedded default runs on its teacher, when they are registered
-DEFAULT_COMPRESSION: list[str] = []
+DEFAULT_COMPRESSION: list[str] = ["dmad"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,11 +90,13 @@ def embedded_default(out: str | Path = "runs/default") -> list[dict]:
     out = Path(out)
     dense = get_method("dense")
     teacher_dir = out / "teacher"
-    reports = [run(dense, resolve(dense, "smoke", overrides={"out": str(teacher_dir)}))]
+    # Running the default again replaces its previous results.
+    reports = [run(dense, resolve(dense, "smoke", overrides={"out": str(teacher_dir), "overwrite": True}))]
     for name in DEFAULT_COMPRESSION:
         if name in METHODS:
             method = METHODS[name]
-            cfg = resolve(method, "smoke", overrides={"out": str(out / name), "teacher": str(teacher_dir)})
+            cfg = resolve(method, "smoke", overrides={"out": str(out / name), "teacher": str(teacher_dir),
+                                                      "overwrite": True})
             reports.append(run(method, cfg))
     table = comparison_table(reports)
     (out / "comparison.txt").write_text(table + "\n")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(method, cfg, resume=args.resume is not None)
-    except CheckpointError as error:
+    except (CheckpointError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
