@@ -216,3 +216,15 @@ def test_network_builders():
     # junyanz's initialisation: N(0, 0.02) conv weights, zero biases
     weights = torch.cat([m.weight.flatten() for m in resnet.modules() if isinstance(m, torch.nn.Conv2d)])
     assert weights.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_a_new_run_does_not_mix_with_an_earlier_one(tmp_path, capsys):
+    argv = ["--method", "dense", "--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--netG",
+            "resnet_1blocks", "--ngf", "4", "--ndf", "4", "--crop_size", "32", "--batch_size", "2", "--eval", "false",
+            "--tensorboard", "false", "--export", "false", "--sample_every", "1000", "--checkpoint_every", "1"]
+    assert main([*argv, "--steps", "3"]) == 0
+    assert main([*argv, "--steps", "2"]) == 1
+    assert f"{tmp_path} already holds a run: continue it with --resume {tmp_path}" in capsys.readouterr().err
+    assert main([*argv, "--steps", "2", "--overwrite"]) == 0
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000001", "step_00000002"]
+    assert (tmp_path / "log.txt").read_text().count("dense run in") == 1

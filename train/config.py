@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 LOOP_DEFAULTS: dict = {
     # run
     "out": "",  # '' -> runs/<method>
+    "overwrite": False,
     "device": "auto",
     "seed": 0,
     "deterministic": False,
@@ -70,6 +71,7 @@ LOOP_DEFAULTS: dict = {
 #: one line of help per loop option (--help)
 OPTION_HELP: dict[str, str] = {
     "out": "run directory; '' means runs/<method>",
+    "overwrite": "start afresh in an --out that holds an earlier run, deleting its outputs",
     "device": "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'",
     "seed": "seed of torch, numpy, random and the data order",
     "deterministic": "torch.use_deterministic_algorithms(True) and no cuDNN autotuning",

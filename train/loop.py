@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -111,6 +112,25 @@ class _Log:
             self.file.close()
 
 
+#: what a run writes into its directory
+RUN_OUTPUTS = ("config.yaml", "log.txt", "tensorboard", "samples", "checkpoints", "export", "plots", "report.json",
+               "report.md")
+
+
+def _clear_previous_run(run_dir: Path, overwrite: bool) -> None:
+    """A new run in the directory of an earlier one: delete that run's outputs if `overwrite`
+    (its checkpoints would otherwise mix with the new ones), else refuse."""
+    if not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another "
+                              "--out, or pass --overwrite to delete it")
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _split(batch: dict, parts: int) -> list[dict]:
     """`batch` as `parts` micro-batches along dim 0 (tensors split, other values shared)."""
     if parts == 1:
@@ -137,7 +157,7 @@ def run(method_cls, cfg: dict, *, resume: bool = False) -> dict | None:
     the latest checkpoint in cfg['out']. Global settings the run changes (determinism) are
     restored when it returns."""
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    trainer = _Trainer(method_cls, cfg)
+    trainer = _Trainer(method_cls, cfg, resume)
     try:
         return trainer.train(resume)
     finally:
@@ -148,7 +168,7 @@ def run(method_cls, cfg: dict, *, resume: bool = False) -> dict | None:
 class _Trainer:
     """The state of one run, and the loop over its stages and steps."""
 
-    def __init__(self, method_cls, cfg: dict) -> None:
+    def __init__(self, method_cls, cfg: dict, resume: bool) -> None:
         self.cfg = cfg
         self.context, device = distributed.init(cfg["device"])
         per_process_batch, remainder = divmod(cfg["batch_size"], self.context.world_size)
@@ -158,6 +178,8 @@ class _Trainer:
         self.run_dir = Path(cfg["out"])
         main = self.context.is_main
         if main:
+            if not resume and checkpoint.latest(self.run_dir) is not None:
+                _clear_previous_run(self.run_dir, cfg["overwrite"])
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.log = _Log(self.run_dir if main else None)
