@@ -73,8 +73,8 @@ class Dense(Method):
         "horse2zebra": dict(_CYCLEGAN, steps=266_800),
         # summer2winter_yosemite: 1231 images per epoch, 100 + 100 epochs.
         "summer2winter": dict(_CYCLEGAN, steps=246_200),
-        # edges2shoes: 49,825 pairs, 15 epochs at batch 4 (pix2pix paper), no flips.
-        "edges2shoes": dict(_PIX2PIX, batch_size=4, steps=186_844, no_flip=True),
+        # edges2shoes: 49,825 pairs, 15 epochs at batch 4 (pix2pix paper).
+        "edges2shoes": dict(_PIX2PIX, batch_size=4, steps=186_844),
         # cityscapes labels -> photo (BtoA of the reference's photo|label pairs): 2975 pairs,
         # 100 + 100 epochs at batch 1.
         "cityscapes": dict(_PIX2PIX, batch_size=1, steps=595_000, direction="BtoA"),
