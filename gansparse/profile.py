@@ -305,7 +305,9 @@ class _Profiler(TorchFunctionMode):
 
 
 def _conv_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.conv._ConvNd, MaskedConvNormAct))
+    """Layers whose input channels are pruned by the mask of the layer that produced the input and
+    whose output channels by their own mask; modules that count themselves are taken as such."""
+    return isinstance(module, (nn.modules.conv._ConvNd, MaskedConvNormAct)) or hasattr(module, "profile_macs")
 
 
 def profile(model: nn.Module, *inputs, transposed: str = "output") -> dict:

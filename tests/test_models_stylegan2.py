@@ -266,3 +266,16 @@ def test_load_rosinality_checkpoint_refuses_pickled_code_and_names_a_missing_fil
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_effective_macs_count_the_channels_masks_keep():
+    g = stylegan2.Generator(32, 16, 2, channels=NARROW, mask="hard")
+    for conv in _styled_convs(g):
+        values = torch.zeros(conv.mask.channels)
+        values[: conv.mask.channels // 2] = 1
+        conv.mask = HardMask(conv.mask.channels, values)
+    rows = {row["name"]: row for row in gansparse.profile(g, [torch.zeros(1, 16)], transposed="input")["layers"]}
+    # conv1 reads the unmasked constant: half its outputs; the other convs keep half of both sides;
+    # the ToRGBs read half their inputs.
+    for name, kept in (("conv1", 0.5), ("convs.0", 0.25), ("convs.3", 0.25), ("to_rgbs.1.conv", 0.5)):
+        assert rows[name]["macs_effective"] == round(rows[name]["macs"] * kept)
