@@ -65,9 +65,9 @@ def _overrides(tokens: list[str], types: dict[str, type]) -> dict[str, str]:
         token = tokens[i]
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"expected an option --key value, got {token!r}")
-        key, has_value, value = token[2:].replace("-", "_").partition("=")
+        name, has_value, value = token[2:].partition("=")
+        key = name.replace("-", "_")
         if has_value:
-            value = token.split("=", 1)[1]
             i += 1
         elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
             value = tokens[i + 1]
