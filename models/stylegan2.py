@@ -204,13 +204,16 @@ class ModulatedConv2d(nn.Module):
         w'[n, o, i] = scale * weight[o, i] * style[n, i]
         w''[n, o, i] = w'[n, o, i] / sqrt(sum_{i, k} w'[n, o, i]^2 + 1e-8)
 
-    run as one grouped conv over the batch. upsample: a stride-2 transposed conv then the FIR blur;
-    downsample: the FIR blur then a stride-2 conv. `input_mask` [C_in] multiplies the style, so a
-    masked input channel drops out of the demodulation as well as the conv.
+    `fused` (the reference's default) runs it as one grouped conv over the batch with per-sample
+    weights; otherwise the input is scaled by the style, convolved with the shared weight, and the
+    output scaled by the demodulation: the same function, and on CPUs the faster one for batches
+    larger than 1. upsample: a stride-2 transposed conv then the FIR blur; downsample: the FIR blur
+    then a stride-2 conv. `input_mask` [C_in] multiplies the style, so a masked input channel drops
+    out of the demodulation as well as the conv.
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int, demodulate: bool = True,
-                 upsample: bool = False, downsample: bool = False, blur_kernel=(1, 3, 3, 1)) -> None:
+                 upsample: bool = False, downsample: bool = False, blur_kernel=(1, 3, 3, 1), fused: bool = True) -> None:
         super().__init__()
         self.eps = 1e-8
         self.kernel_size, self.in_channel, self.out_channel = kernel_size, in_channel, out_channel
@@ -227,6 +230,7 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         self.demodulate = demodulate
+        self.fused = fused
 
     def extra_repr(self) -> str:
         return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, upsample={self.upsample}, "
@@ -234,26 +238,37 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, input_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, in_channel, height, width = x.shape
-        k = self.kernel_size
         style = self.modulation(style)  # [N, C_in]
         if input_mask is not None:
             style = style * input_mask
+        if not self.fused:
+            weight = self.scale * self.weight[0]  # [C_out, C_in, k, k]
+            out = self._conv(x * style.view(batch, in_channel, 1, 1), weight, groups=1)
+            if self.demodulate:
+                modulated = weight * style.view(batch, 1, in_channel, 1, 1)
+                out = out * torch.rsqrt(modulated.square().sum([2, 3, 4]) + self.eps).view(batch, -1, 1, 1)
+            return out
         weight = self.scale * self.weight * style.view(batch, 1, in_channel, 1, 1)  # [N, C_out, C_in, k, k]
         if self.demodulate:
             demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
             weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
-        if self.downsample:
-            x = self.blur(x)
-        x = x.reshape(1, batch * in_channel, *x.shape[2:])  # the batch as groups
-        if self.upsample:
-            # conv_transpose2d wants [C_in, C_out / groups, k, k] per group.
-            weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
-            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
-            return self.blur(out.view(batch, self.out_channel, *out.shape[2:]))
-        weight = weight.view(batch * self.out_channel, in_channel, k, k)
-        stride, padding = (2, 0) if self.downsample else (1, self.padding)
-        out = F.conv2d(x, weight, padding=padding, stride=stride, groups=batch)
+        x = x.reshape(1, batch * in_channel, height, width)  # the batch as groups
+        out = self._conv(x, weight.view(batch * self.out_channel, in_channel, *weight.shape[3:]), groups=batch)
         return out.view(batch, self.out_channel, *out.shape[2:])
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [*, groups * C_in, H, W] convolved with weight [groups * C_out, C_in, k, k] in
+        `groups` groups, upsampling or downsampling as configured."""
+        if self.upsample:
+            k = self.kernel_size
+            # conv_transpose2d wants [C_in, C_out, k, k] per group.
+            weight = weight.view(groups, self.out_channel, self.in_channel, k, k).transpose(1, 2)
+            out = F.conv_transpose2d(x, weight.reshape(groups * self.in_channel, self.out_channel, k, k), padding=0,
+                                     stride=2, groups=groups)
+            return self.blur(out)
+        if self.downsample:
+            return F.conv2d(self.blur(x), weight, padding=0, stride=2, groups=groups)
+        return F.conv2d(x, weight, padding=self.padding, groups=groups)
 
     def profile_macs(self, x, out) -> tuple[int, int]:
         """The style linear and the conv (the transposed one on its output before the blur, or on

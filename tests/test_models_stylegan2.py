@@ -279,3 +279,13 @@ def test_effective_macs_count_the_channels_masks_keep():
     # the ToRGBs read half their inputs.
     for name, kept in (("conv1", 0.5), ("convs.0", 0.25), ("convs.3", 0.25), ("to_rgbs.1.conv", 0.5)):
         assert rows[name]["macs_effective"] == round(rows[name]["macs"] * kept)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(upsample=True), dict(downsample=True)])
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_unfused_modulated_conv_computes_the_fused_one(sampling, demodulate):
+    fused = stylegan2.ModulatedConv2d(6, 5, 3, 8, demodulate=demodulate, **sampling)
+    unfused = stylegan2.ModulatedConv2d(6, 5, 3, 8, demodulate=demodulate, fused=False, **sampling)
+    unfused.load_state_dict(fused.state_dict())
+    x, style, mask = torch.randn(3, 6, 8, 8), torch.randn(3, 8), (torch.rand(6) > 0.5).float()
+    torch.testing.assert_close(unfused(x, style, mask), fused(x, style, mask), rtol=1e-5, atol=1e-5)
