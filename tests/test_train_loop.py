@@ -225,6 +225,8 @@ def test_a_new_run_does_not_mix_with_an_earlier_one(tmp_path, capsys):
     assert main([*argv, "--steps", "3"]) == 0
     assert main([*argv, "--steps", "2"]) == 1
     assert f"{tmp_path} already holds a run: continue it with --resume {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "search").mkdir()  # e.g. a method's files: they belong to the earlier run too
     assert main([*argv, "--steps", "2", "--overwrite"]) == 0
+    assert not (tmp_path / "search").exists()
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000001", "step_00000002"]
     assert (tmp_path / "log.txt").read_text().count("dense run in") == 1

@@ -71,7 +71,7 @@ LOOP_DEFAULTS: dict = {
 #: one line of help per loop option (--help)
 OPTION_HELP: dict[str, str] = {
     "out": "run directory; '' means runs/<method>",
-    "overwrite": "start afresh in an --out that holds an earlier run, deleting its outputs",
+    "overwrite": "start afresh in an --out that holds an earlier run, deleting that directory",
     "device": "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'",
     "seed": "seed of torch, numpy, random and the data order",
     "deterministic": "torch.use_deterministic_algorithms(True) and no cuDNN autotuning",

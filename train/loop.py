@@ -112,23 +112,14 @@ class _Log:
             self.file.close()
 
 
-#: what a run writes into its directory
-RUN_OUTPUTS = ("config.yaml", "log.txt", "tensorboard", "samples", "checkpoints", "export", "plots", "report.json",
-               "report.md")
-
-
 def _clear_previous_run(run_dir: Path, overwrite: bool) -> None:
-    """A new run in the directory of an earlier one: delete that run's outputs if `overwrite`
-    (its checkpoints would otherwise mix with the new ones), else refuse."""
+    """A new run in the directory of an earlier one: delete that directory if `overwrite` (the
+    earlier run's checkpoints, and files a method keeps there, would otherwise mix with the new
+    run's), else refuse."""
     if not overwrite:
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another "
                               "--out, or pass --overwrite to delete it")
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    shutil.rmtree(run_dir)
 
 
 def _split(batch: dict, parts: int) -> list[dict]:
