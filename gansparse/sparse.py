@@ -65,6 +65,11 @@ class _SparseConv:
         self._cache: tuple[tuple, torch.Tensor | SparseWeight] | None = None
         _LAYERS.add(self)
 
+    def __setstate__(self, state) -> None:
+        # A deep copy or an unpickled layer is a sparse layer too (the optimizer hook finds it).
+        super().__setstate__(state)
+        _LAYERS.add(self)
+
     # --- mask ------------------------------------------------------------------------------------
 
     @property

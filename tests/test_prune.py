@@ -2,6 +2,8 @@
 staying exactly zero through optimizer steps."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -152,8 +154,9 @@ def test_convert_shares_parameters_and_masks_the_zeros():
     lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
 ], ids=["Adam", "AdamW", "SGD-momentum"])
-def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(make_optimizer):
-    model = two_layer_model()
+@pytest.mark.parametrize("copied", [False, True], ids=["original", "deep-copy"])
+def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(make_optimizer, copied):
+    model = copy.deepcopy(two_layer_model()) if copied else two_layer_model()
     optimizer = make_optimizer(model.parameters())
     x = torch.randn(2, 8, 6, 6)
 
