@@ -21,7 +21,9 @@ to the innermost module running. gansparse's fused layers run their work in comp
 cannot be seen that way, so they are counted from their modules instead, as their unfused
 equivalent: conv + affine norm (a mask is not a MAC). A module with a method
 `profile_macs(x, out) -> (output_side, input_side)` counts itself the same way (StyleGAN2's
-modulated conv, a grouped conv with per-sample weights, does). Works on the 'meta' device: nothing
+modulated conv, a grouped conv with per-sample weights, does); its mask is taken as a conv's,
+unless it sets `profile_channelwise = True` (a norm: channel c out of channel c in), whose mask,
+as a masked norm's, prunes the layer that produced its input. Works on the 'meta' device: nothing
 is computed, and the full-size models profile in milliseconds.
 
 Masks: a row's `macs` is the layer as it is (dense). `macs_effective` counts only the channels
@@ -306,7 +308,10 @@ class _Profiler(TorchFunctionMode):
 
 def _conv_like(module: nn.Module) -> bool:
     """Layers whose input channels are pruned by the mask of the layer that produced the input and
-    whose output channels by their own mask; modules that count themselves are taken as such."""
+    whose output channels by their own mask; modules that count themselves are taken as such,
+    but for channel-wise ones (`profile_channelwise`), which are taken as masked norms."""
+    if getattr(module, "profile_channelwise", False):
+        return False
     return isinstance(module, (nn.modules.conv._ConvNd, MaskedConvNormAct)) or hasattr(module, "profile_macs")
 
 

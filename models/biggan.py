@@ -239,6 +239,8 @@ class _StoredStatsBatchNorm(nn.Module):
     num_batches_tracked), an optional channel mask after the affine, running as gansparse's
     fused norm + mask + activation op."""
 
+    profile_channelwise = True  # for gansparse.profile: a mask here prunes the producing layer's outputs
+
     def __init__(self, num_features: int, eps: float, mask) -> None:
         super().__init__()
         if not (isinstance(num_features, int) and num_features > 0):
