@@ -29,10 +29,12 @@
 // group and channel instead of per nonzero; the first group starts from zeros in registers).
 // After the last group, bias + activation are applied and the block is stored.
 //
-// Parallel tasks are (sample, phase, block of output rows, block of output channels), ordered so
-// that each thread's contiguous share spans all the channels of some rows: the work per thread
-// does not depend on how the nonzeros are spread over the channels.
+// Parallel tasks are (sample, phase, block of output rows, block of output channels), taken in
+// that order by whichever thread is free next: the nonzeros are not spread evenly over the
+// channels, and on a shared machine one thread may be descheduled for a while. Threads working
+// on neighbouring tasks also share the input rows those read.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -382,9 +384,11 @@ void forward_cpu(const float* x, CsrWeight weight, const float* bias, float* out
   const int64_t channel_blocks = (s.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
   const int64_t tasks = s.n * phases * row_blocks * channel_blocks;
 
-  parallel_for(tasks, num_threads, [&](int64_t begin, int64_t end, auto isa) GS_INLINE_LAMBDA {
+  std::atomic<int64_t> next_task{0};
+  const int64_t workers = std::min<int64_t>(num_threads, tasks);
+  parallel_for(workers, num_threads, [&](int64_t, int64_t, auto isa) GS_INLINE_LAMBDA {
     alignas(32) float partial[kChannelsPerTask * kBlockPixels];  // [channel of the task, pixel]
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task++; task < tasks; task = next_task++) {
       const int64_t channel_block = task % channel_blocks;
       const int64_t row_block = task / channel_blocks % row_blocks;
       const int64_t g = task / (channel_blocks * row_blocks) % phases;
