@@ -40,6 +40,11 @@ from torch import nn
 from gansparse.functional import fused_leaky_relu, upfirdn2d
 from gansparse.masks import as_mask
 
+# torch.fx (gansparse.export traces with it) records gansparse's ops as calls instead of tracing
+# into their argument checks.
+torch.fx.wrap("fused_leaky_relu")
+torch.fx.wrap("upfirdn2d")
+
 __all__ = ["Blur", "ConstantInput", "ConvLayer", "Discriminator", "Downsample", "EqualConv2d", "EqualLinear",
            "FusedLeakyReLU", "Generator", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock",
            "StyledConv", "ToRGB", "Upsample", "channel_widths", "load_rosinality_checkpoint", "make_kernel"]
@@ -237,7 +242,8 @@ class ModulatedConv2d(nn.Module):
                 f"downsample={self.downsample}")
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, input_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, in_channel, height, width = x.shape
+        # Sizes read one by one (no unpacking), so torch.fx can trace this.
+        batch, in_channel, height, width = x.shape[0], self.in_channel, x.shape[2], x.shape[3]
         style = self.modulation(style)  # [N, C_in]
         if input_mask is not None:
             style = style * input_mask
@@ -253,8 +259,9 @@ class ModulatedConv2d(nn.Module):
             demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
             weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
         x = x.reshape(1, batch * in_channel, height, width)  # the batch as groups
-        out = self._conv(x, weight.view(batch * self.out_channel, in_channel, *weight.shape[3:]), groups=batch)
-        return out.view(batch, self.out_channel, *out.shape[2:])
+        k = self.kernel_size
+        out = self._conv(x, weight.view(batch * self.out_channel, in_channel, k, k), groups=batch)
+        return out.view(batch, self.out_channel, out.shape[2], out.shape[3])
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         """x [*, groups * C_in, H, W] convolved with weight [groups * C_out, C_in, k, k] in
@@ -426,6 +433,12 @@ class Generator(nn.Module):
             latent = torch.cat([styles[0].unsqueeze(1).repeat(1, inject_index, 1),
                                 styles[1].unsqueeze(1).repeat(1, self.n_latent - inject_index, 1)], 1)
 
+        image = self.synthesize(latent, noise)
+        return (image, latent) if return_latents else (image, None)
+
+    def synthesize(self, latent: torch.Tensor, noise) -> torch.Tensor:
+        """The synthesis network alone: the image [N, 3, size, size] of w+ latents
+        [N, n_latent, style_dim], with one noise tensor (or None for fresh noise) per layer."""
         out = self.conv1(self.input(latent), latent[:, 0], noise=noise[0])
         mask = _values(self.conv1.mask)
         skip = self.to_rgb1(out, latent[:, 1], input_mask=mask)
@@ -434,7 +447,7 @@ class Generator(nn.Module):
             out = conv(out, latent[:, 2 * i + 2], noise=noise[2 * i + 2], input_mask=_values(conv_up.mask))
             mask = _values(conv.mask)
             skip = to_rgb(out, latent[:, 2 * i + 3], skip, input_mask=mask)
-        return (skip, latent) if return_latents else (skip, None)
+        return skip
 
 
 def _values(mask) -> torch.Tensor | None:

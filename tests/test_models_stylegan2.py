@@ -6,9 +6,11 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 import _reference_stylegan2 as reference
 import gansparse
+from gansparse import export
 from gansparse.masks import HardMask
 from gansparse.models import load_rosinality_checkpoint, stylegan2
 
@@ -289,3 +291,33 @@ def test_unfused_modulated_conv_computes_the_fused_one(sampling, demodulate):
     unfused.load_state_dict(fused.state_dict())
     x, style, mask = torch.randn(3, 6, 8, 8), torch.randn(3, 8), (torch.rand(6) > 0.5).float()
     torch.testing.assert_close(unfused(x, style, mask), fused(x, style, mask), rtol=1e-5, atol=1e-5)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+class _ImageOfZ(nn.Module):
+    """z -> image with the noise buffers: the generator without style mixing, whose random
+    injection point and input-dependent branches torch.fx cannot trace."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, z):
+        latent = self.g.style(z).unsqueeze(1).repeat(1, self.g.n_latent, 1)
+        return self.g.synthesize(latent, [getattr(self.g.noises, f"noise_{i}") for i in range(self.g.num_layers)])
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_export_of_masked_generator_matches_it(sparsity):
+    g = stylegan2.Generator(16, 16, 2, channels={4: 8, 8: 8, 16: 6}, mask="hard").eval()
+    _randomise(g)
+    for conv in _styled_convs(g):
+        values = (torch.rand(conv.mask.channels) >= sparsity).float()
+        values[0] = 1
+        conv.mask = HardMask(conv.mask.channels, values)
+    model, z = _ImageOfZ(g), torch.randn(2, 16)
+    compact = export.compact(model, z)
+    assert export.check_equivalence(model, compact, z) <= 1e-5
+    torch.testing.assert_close(compact(z), g([z], randomize_noise=False)[0], rtol=0, atol=1e-5)
