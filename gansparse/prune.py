@@ -113,6 +113,8 @@ def magnitude_(model: nn.Module, sparsity: float, granularity: str = "element", 
     if not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     layers = sparse_layers(model)
+    for layer in layers:
+        layer.granularity = granularity
     n_m = _n_m(granularity)
     if n_m is not None:
         n, m = n_m

@@ -60,6 +60,7 @@ class _SparseConv:
 
     def _init_sparse(self, impl: str | None) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, requires_grad=False))
+        self.granularity = "element"  # of the mask; gansparse.prune sets it
         self.impl = _check_impl(impl)
         self.inference = "dense"
         self._cache: tuple[tuple, torch.Tensor | SparseWeight] | None = None
@@ -187,7 +188,8 @@ class _SparseConv:
         return layer.train(conv.training)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", density={self.density:.3f}, inference={self.inference!r}"
+        return (super().extra_repr() + f", density={self.density:.3f}, granularity={self.granularity!r}, "
+                f"inference={self.inference!r}"
                 + (f", impl={self.impl!r}" if self.impl else ""))
 
 

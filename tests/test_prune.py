@@ -88,6 +88,7 @@ def test_element_pruning_removes_the_smallest_weights(sparsity):
 def test_kernel_pruning_removes_whole_kernels(cls):
     layer = cls(8, 12, 3)
     magnitude_(layer, 0.75, "kernel")
+    assert layer.granularity == "kernel"
     per_kernel = filters(layer).flatten(2)  # [C_out, C_in, kH * kW]
     assert ((per_kernel == 0).all(-1) | (per_kernel == 1).all(-1)).all()
     assert int((per_kernel[..., 0] == 0).sum()) == round(0.75 * 8 * 12)
