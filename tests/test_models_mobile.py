@@ -131,14 +131,15 @@ def test_masks_sit_after_every_norm_but_not_inside_the_separable_convs():
         "model.13.mask", "model.16.mask"]
 
 
-# gansparse.export.compact does not take grouped convs yet: it indexes a depthwise conv's weight
-# [C, 1, k, k] along its per-group input dim with the kept input channels' indices (an IndexError
-# for any index >= 1), and does not tie a depthwise conv's input channels to its output channels.
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="export: depthwise convs not supported yet")
-@pytest.mark.parametrize("norm, padding", [("instance", "reflect"), ("batch", "zero")])
-def test_export_removes_the_masked_channels_and_keeps_the_outputs(norm, padding):
-    masked = MobileResnetGenerator(3, 3, 8, norm, n_blocks=3, padding_type=padding, mask="hard")
-    masked = random_hard_masks_(randomise_(masked), 0.5, torch.Generator().manual_seed(3)).eval()
+@pytest.mark.parametrize("make, sparsity", [
+    (lambda: MobileResnetGenerator(3, 3, 8, "instance", n_blocks=3, mask="hard"), 0.3),
+    (lambda: MobileResnetGenerator(3, 3, 8, "batch", n_blocks=3, padding_type="zero", mask="hard"), 0.7),
+    (lambda: MobileResnetGenerator(3, 3, 8, "none", n_blocks=3, padding_type="replicate", mask="hard"), 0.5),
+    (lambda: sub_mobile_resnet_generator(3, 3, decode_config("4_6_8_3_5_8_2_7"), "batch", n_blocks=4, mask="hard"),
+     0.5),
+], ids=["instance-reflect", "batch-zero", "none-replicate", "sub-batch"])
+def test_export_removes_the_masked_channels_and_keeps_the_outputs(make, sparsity):
+    masked = random_hard_masks_(randomise_(make()), sparsity, torch.Generator().manual_seed(3)).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     compact = export.compact(masked, x)
     assert export.check_equivalence(masked, compact, x) <= 1e-5
