@@ -7,13 +7,14 @@ each with a reference path and compiled CPU and CUDA kernels.
 
 Reference conventions kept here: equalised learning rate (weights stored at unit variance and
 scaled by 1/sqrt(fan_in) on every forward, lr_mul for the mapping network), weight modulation and
-demodulation as one grouped conv with per-sample weights, the transposed conv + blur of the
+demodulation as one grouped conv with per-sample weights (or, with fused=False, as modulated
+activations), the transposed conv + blur of the
 upsampling convs, the 4x4 FIR blur [1, 3, 3, 1] before every downsampling conv, per-layer noise
 buffers `noises.noise_{i}`, and the minibatch standard deviation of the discriminator.
 
 mask (Generator only): None, or a mask kind of gansparse.masks ('sigmoid', 'dmad', 'hard') on the
-output channels of every StyledConv, after its activation, as the content-aware paper prunes them
-(l1-out, Sec. 3.2). A masked channel outputs exactly 0, and the convs that read it (the next
+output channels of every StyledConv, after its activation: the channels the content-aware paper
+prunes (Sec. 3.1, l1-out and CA-l1-out). A masked channel outputs exactly 0, and the convs that read it (the next
 StyledConv and the ToRGB) multiply its style by the mask too, so it also drops out of their weight
 demodulation: with binary masks, the generator computes what the generator with those channels
 physically removed computes, provided the narrower ToRGBs (which do not demodulate) keep the
