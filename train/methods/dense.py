@@ -116,11 +116,14 @@ class Dense(Method):
     def loss(self, part: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         real_A, real_B = batch["A"].to(self.device), batch["B"].to(self.device)
         if part == "G":
-            losses = self._cyclegan_g(real_A, real_B) if self.cyclegan else self._pix2pix_g(real_A, real_B)
+            g_losses = self._cyclegan_g if self.cyclegan else self._pix2pix_g
+            losses = g_losses(real_A, real_B)
         elif part == "D":
-            fakes = self._fakes.popleft()
-            losses = self._cyclegan_d(real_A, real_B, *fakes) if self.cyclegan else self._pix2pix_d(real_A, real_B,
-                                                                                                 *fakes)
+            if not self._fakes:
+                raise RuntimeError("dense: the D loss judges the fakes of the G loss on the same batch; call "
+                                   "loss('G', batch, step) first")
+            d_losses = self._cyclegan_d if self.cyclegan else self._pix2pix_d
+            losses = d_losses(real_A, real_B, *self._fakes.popleft())
         else:
             raise ValueError(f"part must be 'G' or 'D', got {part!r}")
         total = sum(losses.values())
