@@ -61,7 +61,8 @@ from gansparse.masks import MASK_KINDS, as_mask
 from .norms import ChannelMask, MaskedBatchNorm2d
 
 __all__ = ["Attention", "BatchNorm", "BIGGAN_128", "ClassConditionalBatchNorm", "DBlock", "Discriminator", "GBlock",
-           "Generator", "SAGAN_128", "SNConv2d", "SNEmbedding", "SNLinear", "SpectralNorm", "exportable", "fold_spectral_norm"]
+           "Generator", "SAGAN_128", "SNConv2d", "SNEmbedding", "SNLinear", "SpectralNorm", "exportable",
+           "fold_spectral_norm"]
 
 # The published configurations (BigGAN-PyTorch's launch scripts; PPCD-GAN's baselines).
 # BigGAN 128: 70,433,988 parameters in G. SA-GAN 128 as PPCD-GAN counts it (42,017,412 in G):
