@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from gansparse.ops.bias_act import _check_op_args, output_layout, register
+from gansparse.ops.bias_act import check_op_args, output_layout, register
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # As in kernels/attention.py: an opaque custom op in the interpreter, a triton_op on a GPU.
@@ -77,7 +77,7 @@ def _launch_args(x: torch.Tensor, negative_slope: float, scale: float):
 @define_op("gansparse::fused_leaky_relu_triton", mutates_args=())
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None, negative_slope: float,
                      scale: float) -> torch.Tensor:
-    _check_op_args(x, bias)
+    check_op_args(x, bias)
     x, channels_last, inner, constants = _launch_args(x, negative_slope, scale)
     out = torch.empty_like(x)
     block = _block(x.numel())
@@ -92,7 +92,7 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None, negative_slope:
 @define_op("gansparse::fused_leaky_relu_backward_triton", mutates_args=())
 def fused_leaky_relu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                               negative_slope: float, scale: float, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_op_args(x, bias)
+    check_op_args(x, bias)
     if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
         raise ValueError(f"grad_out must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
                          f"got {grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")

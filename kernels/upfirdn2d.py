@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from gansparse.ops.upfirdn2d import _fake, output_layout, output_size, register
+from gansparse.ops.upfirdn2d import fake_upfirdn2d, register
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # As in kernels/attention.py: an opaque custom op in the interpreter, a triton_op on a GPU.
@@ -62,7 +62,7 @@ def _blocks(planes: int, pixels: int) -> tuple[int, int]:
 @define_op("gansparse::upfirdn2d_triton", mutates_args=())
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up_x: int, up_y: int, down_x: int, down_y: int, pad_x0: int,
               pad_x1: int, pad_y0: int, pad_y1: int) -> torch.Tensor:
-    out = _fake(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1)  # checks, and allocates
+    out = fake_upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1)  # checks, and allocates
     N, C, H, W = x.shape
     OH, OW = out.shape[2:]
     block_planes, block = _blocks(N * C, OH * OW)
@@ -76,5 +76,3 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up_x: int, up_y: int, down_
 
 
 register("gansparse::upfirdn2d_triton", torch.ops.gansparse.upfirdn2d_triton)
-
-__all__ = ["upfirdn2d", "output_layout", "output_size"]

@@ -34,7 +34,7 @@ BACKENDS = ("ref", "cpu", "cuda", "triton")
 # --- the compiled ops: fake kernels and autograd -----------------------------------------------
 
 
-def _check_op_args(x, bias) -> None:
+def check_op_args(x, bias) -> None:
     """What the C++ ops check, for their fake kernels (see upfirdn2d._check_op_args)."""
     if x.dim() < 2 or not x.is_floating_point() or x.numel() == 0:
         raise ValueError(f"x must be a non-empty floating-point [N, C, *] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -51,12 +51,12 @@ def output_layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _fake(x, bias, negative_slope, scale):
-    _check_op_args(x, bias)
+    check_op_args(x, bias)
     return torch.empty_like(x, memory_format=output_layout(x))
 
 
 def _fake_backward(grad_out, x, bias, negative_slope, scale, bias_grad):
-    _check_op_args(x, bias)
+    check_op_args(x, bias)
     if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
         raise ValueError(f"grad_out must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
                          f"got {grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")

@@ -64,7 +64,7 @@ def output_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _fake(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+def fake_upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
     _check_op_args(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1)
     out_h = output_size(x.shape[2], up_y, pad_y0, pad_y1, kernel.shape[0], down_y)
     out_w = output_size(x.shape[3], up_x, pad_x0, pad_x1, kernel.shape[1], down_x)
@@ -99,7 +99,7 @@ def register(name: str, op) -> None:
         grad_x = op(grad_out, kernel.flip(0, 1), down_x, down_y, up_x, up_y, gx0, gx1, gy0, gy1)
         return grad_x, None, None, None, None, None, None, None, None, None
 
-    torch.library.register_fake(name)(_fake)
+    torch.library.register_fake(name)(fake_upfirdn2d)
     torch.library.register_autograd(name, backward, setup_context=_setup_context)
 
 
