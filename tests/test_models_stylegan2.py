@@ -154,6 +154,21 @@ def test_macs_reproduce_the_content_aware_paper(size, published):
     assert gansparse.profile(g, [torch.zeros(1, 512, device="meta")])["macs"] > 1.8 * published
 
 
+@pytest.mark.slow
+def test_effective_macs_reproduce_the_content_aware_papers_pruned_generators():
+    """Tab. 1 (30% of every layer's channels removed by l1-out): 22.3B; Tab. 2 (80%): 1.9B. The
+    paper's counter keeps C - floor(ratio * C) channels per layer. Runs for real at batch 1 (the
+    masks must be on a real device for their values to count)."""
+    g = stylegan2.Generator(256, 512, 8, mask="hard")
+    for ratio, published in ((0.3, "22.3"), (0.8, "1.9")):
+        for conv in _styled_convs(g):
+            values = torch.zeros(conv.mask.channels)
+            values[: conv.mask.channels - int(ratio * conv.mask.channels)] = 1
+            conv.mask = HardMask(conv.mask.channels, values)
+        stats = gansparse.profile(g, [torch.zeros(1, 512)], transposed="input")
+        assert f"{stats['macs_effective'] / 1e9:.1f}" == published
+
+
 # --- channel masks --------------------------------------------------------------------------------
 
 
