@@ -104,10 +104,14 @@ def test_parse_macs():
             parse_macs(bad, 1000)
 
 
-@pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_compact_student_matches_the_binarised_masked_student(norm):
+@pytest.mark.parametrize("make", [
+    lambda: ResnetGenerator(3, 3, ngf=8, norm="instance", n_blocks=3, mask="dmad"),
+    lambda: ResnetGenerator(3, 3, ngf=8, norm="batch", n_blocks=3, mask="dmad"),
+    lambda: UnetGenerator(3, 3, 5, ngf=8, norm="batch", mask="dmad"),
+], ids=["resnet-instance", "resnet-batch", "unet-batch"])
+def test_compact_student_matches_the_binarised_masked_student(make):
     torch.manual_seed(1)
-    G = ResnetGenerator(3, 3, ngf=8, norm=norm, n_blocks=3, mask="dmad").eval()
+    G = make().eval()
     with torch.no_grad():
         for _, m in G.named_modules():
             if isinstance(m, DMADMask):

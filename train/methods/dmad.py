@@ -90,6 +90,12 @@ class DMAD(Dense):
                       preprocess="none", steps=200, finetune_steps=100, batch_size=4, pool_size=16,
                       lambda_spa=0.1, mask_lr=0.05, target_macs="25%", macs_every=10, log_every=10,
                       sample_every=100, checkpoint_every=100, eval_size=32),
+        # The same on the synthetic paired set, with pix2pix's U-Net (a smoke_pix2pix teacher).
+        "smoke_pix2pix": dict(model="pix2pix", netG="unet_32", norm="batch", dropout=True, gan_mode="vanilla",
+                              pool_size=0, ngf=16, ndf=16, crop_size=32, load_size=32, preprocess="none",
+                              steps=200, finetune_steps=100, batch_size=4, lambda_spa=0.1, mask_lr=0.05,
+                              lambda_coatt=50.0, target_macs="25%", macs_every=10, log_every=10, sample_every=100,
+                              checkpoint_every=100, eval_size=32),
         # The paper's tasks; steps as the dense teacher's presets (the reference's epochs).
         "horse2zebra": dict(_CYCLEGAN, steps=266_800, finetune_steps=266_800),
         "summer2winter": dict(_CYCLEGAN, steps=246_200, finetune_steps=246_200),
