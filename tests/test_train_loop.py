@@ -230,3 +230,15 @@ def test_a_new_run_does_not_mix_with_an_earlier_one(tmp_path, capsys):
     assert not (tmp_path / "search").exists()
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000001", "step_00000002"]
     assert (tmp_path / "log.txt").read_text().count("dense run in") == 1
+
+
+def test_threads_are_set_for_the_run_and_restored(tmp_path):
+    torch.set_num_threads(2)
+    seen = []
+
+    class Recording(Dense):
+        def after_step(self, step):
+            seen.append(torch.get_num_threads())
+
+    loop.run(Recording, tiny_config(tmp_path, steps=1, threads=1))
+    assert seen == [1] and torch.get_num_threads() == 2

@@ -27,6 +27,7 @@ LOOP_DEFAULTS: dict = {
     "out": "",  # '' -> runs/<method>
     "overwrite": False,
     "device": "auto",
+    "threads": 0,
     "seed": 0,
     "deterministic": False,
     # optimisation
@@ -73,6 +74,7 @@ OPTION_HELP: dict[str, str] = {
     "out": "run directory; '' means runs/<method>",
     "overwrite": "start afresh in an --out that holds an earlier run, deleting that directory",
     "device": "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:<n>'",
+    "threads": "CPU threads of training (torch.set_num_threads); 0 keeps torch's default",
     "seed": "seed of torch, numpy, random and the data order",
     "deterministic": "torch.use_deterministic_algorithms(True) and no cuDNN autotuning",
     "steps": "optimizer steps (a method's stages may split or replace this)",
@@ -221,6 +223,7 @@ def check(cfg: dict) -> None:
     require(cfg["batch_size"] % cfg["accumulation"] == 0, "accumulation",
             f"a divisor of batch_size {cfg['batch_size']}")
     require(cfg["num_workers"] >= 0, "num_workers", ">= 0")
+    require(cfg["threads"] >= 0, "threads", ">= 0 (0: torch's default)")
     require(cfg["lr"] > 0, "lr", "> 0")
     require(cfg["lr_policy"] in LR_POLICIES, "lr_policy", f"one of {LR_POLICIES}")
     require(0.0 <= cfg["decay_start"] <= 1.0, "decay_start", "in [0, 1]")

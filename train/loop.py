@@ -145,15 +145,21 @@ def _train_only(method, optimizer: torch.optim.Optimizer) -> None:
 def run(method_cls, cfg: dict, *, resume: bool = False) -> dict | None:
     """Train `method_cls` with the resolved options `cfg` (config.resolve) in cfg['out'] and return
     the report (None in processes other than the main one). resume=True continues the run from
-    the latest checkpoint in cfg['out']. Global settings the run changes (determinism) are
-    restored when it returns."""
+    the latest checkpoint in cfg['out']. Global settings the run changes (determinism, the number
+    of CPU threads) are restored when it returns."""
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    trainer = _Trainer(method_cls, cfg, resume)
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     try:
-        return trainer.train(resume)
+        trainer = _Trainer(method_cls, cfg, resume)
+        try:
+            return trainer.train(resume)
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.set_num_threads(threads)
 
 
 class _Trainer:
