@@ -38,7 +38,7 @@ from torch import nn
 
 from gansparse import MaskedConv2d, MaskedConvTranspose2d
 
-from .pix2pix import PADDING_TYPES, _check_options, _conv_bias, _padding, norm_layer
+from .pix2pix import PADDING_TYPES, ResidualBlock, _check_options, _conv_bias, _padding, norm_layer
 
 __all__ = ["CHANNEL_MULTIPLIERS", "Layers", "MobileResnetBlock", "MobileResnetGenerator", "SeparableConv2d",
            "block_groups", "build_layout", "check_layout", "config_channels", "decode_config", "encode_config",
@@ -111,7 +111,7 @@ class SeparableConv2d(nn.Module):
         return self.conv(x)
 
 
-class MobileResnetBlock(nn.Module):
+class MobileResnetBlock(ResidualBlock):
     """x + [pad, separable conv dim -> inner, norm, ReLU, dropout, pad, separable conv inner -> dim,
     norm](x)."""
 
@@ -124,9 +124,6 @@ class MobileResnetBlock(nn.Module):
             block += pad + [SeparableConv2d(c_in, c_out, 3, padding=p, layers=layers),
                             layers.norm(norm, c_out, mask)] + tail
         self.conv_block = nn.Sequential(*block)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_block(x)
 
 
 def check_layout(norm: str, dropout_rate: float, n_blocks: int, padding_type: str, mask: str | None = None) -> None:

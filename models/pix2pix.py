@@ -27,8 +27,9 @@ from .norms import ChannelMask, MaskedBatchNorm2d, MaskedInstanceNorm2d
 NORMS = ("batch", "instance", "none")
 PADDING_TYPES = ("reflect", "replicate", "zero")
 
-__all__ = ["NLayerDiscriminator", "PixelDiscriminator", "ResnetBlock", "ResnetGenerator", "UnetGenerator",
-           "UnetSkipConnectionBlock", "load_reference_state_dict", "residual_mask_groups"]
+__all__ = ["NLayerDiscriminator", "PixelDiscriminator", "ResidualBlock", "ResnetBlock", "ResnetGenerator",
+           "UnetGenerator", "UnetSkipConnectionBlock", "load_reference_state_dict", "residual_blocks",
+           "residual_mask_groups"]
 
 
 def _check_options(norm: str, mask: str | None = None) -> None:
@@ -63,7 +64,17 @@ def _padding(padding_type: str) -> tuple[list[nn.Module], int]:
     return [], 1
 
 
-class ResnetBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """x + conv_block(x): the residual blocks of the ResNet generators, whose conv_block ends with
+    the norm (and mask) of its last conv."""
+
+    conv_block: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetBlock(ResidualBlock):
     """x + [pad, conv 3x3, norm, ReLU, (dropout), pad, conv 3x3, norm](x)."""
 
     def __init__(self, dim: int, padding_type: str, norm: str, use_dropout: bool, mask: str | None = None) -> None:
@@ -77,9 +88,6 @@ class ResnetBlock(nn.Module):
                 if use_dropout:
                     layers.append(nn.Dropout(0.5))
         self.conv_block = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_block(x)
 
 
 class ResnetGenerator(nn.Module):
@@ -113,17 +121,24 @@ class ResnetGenerator(nn.Module):
         return self.model(x)
 
 
+def residual_blocks(model: nn.Module) -> list[int]:
+    """The indices of the residual blocks in a ResNet generator's `model` Sequential (this one's or
+    the MobileNet-style one's, which share the layout); [] for other models."""
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential):
+        return []
+    return [i for i, layer in enumerate(layers) if isinstance(layer, ResidualBlock)]
+
+
 def residual_mask_groups(model: nn.Module) -> list[list[Mask]]:
-    """The masks on the residual stream of a masked ResnetGenerator, as one group (DMAD Eq. 6): the
+    """The masks on the residual stream of a masked ResNet generator, as one group (DMAD Eq. 6): the
     mask of the layer that feeds the stream (the last downsampling conv's) and the mask after each
     residual block's last conv. Channel t of the stream can only go when it is zero in all of them.
     [] for a model without residual blocks or without masks."""
-    if not isinstance(model, ResnetGenerator):
-        return []
-    layers = list(model.model)
-    blocks = [i for i, layer in enumerate(layers) if isinstance(layer, ResnetBlock)]
+    blocks = residual_blocks(model)
     if not blocks:
         return []
+    layers = list(model.model)
     # The layers before the first block end with [conv, norm + mask, ReLU]: the feeder's mask sits at -2.
     members = [layers[blocks[0] - 2]] + [layers[i].conv_block[-1] for i in blocks]
     masks = [getattr(member, "mask", None) for member in members]

@@ -16,7 +16,13 @@ import gansparse
 from gansparse import export
 
 from gansparse.masks import DMADMask, binarize_masks_, dmad_group_coefficients
-from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator, residual_mask_groups
+from gansparse.models import (
+    MobileResnetGenerator,
+    NLayerDiscriminator,
+    ResnetGenerator,
+    UnetGenerator,
+    residual_mask_groups,
+)
 from train.distill import FeatureTaps, default_attention_layers, default_discriminator_layers
 from train import checkpoint
 from train.methods.dmad import coattention_loss, compact_student, parse_macs
@@ -29,6 +35,10 @@ def test_residual_group_is_the_stream_feeder_and_each_blocks_last_mask():
     names = {id(m): n for n, m in G.named_modules()}
     # The reference layout's model.11 and model.13..21.conv_block.8 of the official code.
     assert [names[id(m)] for m in group] == ["model.8.mask"] + [f"model.{i}.conv_block.6.mask" for i in range(10, 19)]
+    mobile = MobileResnetGenerator(3, 3, ngf=4, n_blocks=6, mask="dmad")  # the same layout, separable blocks
+    (group,) = residual_mask_groups(mobile)
+    names = {id(m): n for n, m in mobile.named_modules()}
+    assert [names[id(m)] for m in group] == ["model.8.mask"] + [f"model.{i}.conv_block.7.mask" for i in range(10, 16)]
     assert residual_mask_groups(ResnetGenerator(3, 3, ngf=4, n_blocks=2)) == []  # no masks
     assert residual_mask_groups(UnetGenerator(3, 3, 5, ngf=4, mask="dmad")) == []
 
@@ -53,6 +63,7 @@ def test_default_layers_are_the_papers():
                                             "model.19:in"]
     assert default_attention_layers(ResnetGenerator(3, 3, ngf=4, n_blocks=3, padding_type="zero")) == [
         "model.9", "model.11.conv_block.0:in", "model.12.conv_block.0:in", "model.13:in"]
+    assert default_attention_layers(MobileResnetGenerator(3, 3, ngf=4, n_blocks=9)) == default_attention_layers(G9)
     U = UnetGenerator(3, 3, 8, ngf=4)  # unet_256: 16 convolutions
     convs = [n for n, m in U.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     assert default_attention_layers(U) == [convs[1], convs[3], convs[11], convs[13]]
@@ -108,7 +119,8 @@ def test_parse_macs():
     lambda: ResnetGenerator(3, 3, ngf=8, norm="instance", n_blocks=3, mask="dmad"),
     lambda: ResnetGenerator(3, 3, ngf=8, norm="batch", n_blocks=3, mask="dmad"),
     lambda: UnetGenerator(3, 3, 5, ngf=8, norm="batch", mask="dmad"),
-], ids=["resnet-instance", "resnet-batch", "unet-batch"])
+    lambda: MobileResnetGenerator(3, 3, ngf=8, n_blocks=3, mask="dmad"),
+], ids=["resnet-instance", "resnet-batch", "unet-batch", "mobile"])
 def test_compact_student_matches_the_binarised_masked_student(make):
     torch.manual_seed(1)
     G = make().eval()

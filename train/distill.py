@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator
-from gansparse.models.pix2pix import ResnetBlock
+from gansparse.models import NLayerDiscriminator, UnetGenerator
+from gansparse.models.pix2pix import residual_blocks
 
 __all__ = ["FeatureTaps", "default_attention_layers", "default_discriminator_layers", "parse_layers"]
 
@@ -86,17 +86,15 @@ def _convs(model: nn.Module) -> list[str]:
 def default_attention_layers(generator: nn.Module) -> list[str]:
     """DMAD's generator layers (Sec. IV-A3 and its official code):
 
-    - ResnetGenerator: the input of the residual stream (the ReLU after the last downsampling)
-      and the outputs of the residual blocks closing each third of them (with 9 blocks: the 3rd,
+    - ResnetGenerator and MobileResnetGenerator: the input of the residual stream (the ReLU after
+      the last downsampling) and the outputs of the residual blocks closing each third of them (with 9 blocks: the 3rd,
       6th and 9th; 'model.9', 'model.12', 'model.15', 'model.18' in the reference's layout), each
       block's output tapped as the input of the first layer after it;
     - UnetGenerator: convolutions 2, 4, 12 and 14 of unet_256 in forward order, i.e. the 2nd,
       4th, 5th-from-last and 3rd-from-last for any depth.
     """
-    if isinstance(generator, ResnetGenerator):
-        blocks = [i for i, layer in enumerate(generator.model) if isinstance(layer, ResnetBlock)]
-        if not blocks:
-            raise ValueError("the ResnetGenerator has no residual blocks to distill")
+    blocks = residual_blocks(generator)
+    if blocks:
         thirds = sorted({blocks[max(round(k * len(blocks) / 3) - 1, 0)] for k in (1, 2, 3)})
         return [f"model.{blocks[0] - 1}"] + [_first_leaf(generator, f"model.{i + 1}") + ":in" for i in thirds]
     if isinstance(generator, UnetGenerator):

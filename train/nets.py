@@ -4,6 +4,8 @@ every method that trains or compresses them.
 Options read (flat keys, as in junyanz/pytorch-CycleGAN-and-pix2pix):
   netG        'resnet_<n>blocks' (e.g. 'resnet_9blocks', 'resnet_6blocks') or 'unet_<size>'
               (e.g. 'unet_256', 'unet_128': log2(size) stride-2 levels)
+  mobile      the ResNet generators with separable residual blocks (GAN Compression's
+              MobileNet-style 'mobile_resnet_<n>blocks')
   netD        'basic' (3-layer PatchGAN), 'n_layers' (n_layers_D layers) or 'pixel'
   ngf, ndf    widths of the first layers of G and D
   norm        'batch', 'instance' or 'none'
@@ -18,7 +20,13 @@ import re
 
 from torch import nn
 
-from gansparse.models import NLayerDiscriminator, PixelDiscriminator, ResnetGenerator, UnetGenerator
+from gansparse.models import (
+    MobileResnetGenerator,
+    NLayerDiscriminator,
+    PixelDiscriminator,
+    ResnetGenerator,
+    UnetGenerator,
+)
 
 __all__ = ["build_discriminator", "build_generator", "init_weights"]
 
@@ -56,10 +64,15 @@ def build_generator(cfg: dict, mask: str | None = None, *, input_nc: int | None 
     input_nc = cfg.get("input_nc", 3) if input_nc is None else input_nc
     output_nc = cfg.get("output_nc", 3) if output_nc is None else output_nc
     common = dict(ngf=cfg["ngf"], norm=cfg["norm"], use_dropout=cfg["dropout"], mask=mask)
-    if match := re.fullmatch(r"resnet_(\d+)blocks", name):
+    if (match := re.fullmatch(r"resnet_(\d+)blocks", name)) and cfg.get("mobile", False):
+        net = MobileResnetGenerator(input_nc, output_nc, ngf=cfg["ngf"], norm=cfg["norm"],
+                                    dropout_rate=0.5 if cfg["dropout"] else 0.0, n_blocks=int(match[1]), mask=mask)
+    elif match:
         net = ResnetGenerator(input_nc, output_nc, n_blocks=int(match[1]), **common)
     elif (match := re.fullmatch(r"unet_(\d+)", name)) and _power_of_two(int(match[1])):
         net = UnetGenerator(input_nc, output_nc, num_downs=int(math.log2(int(match[1]))), **common)
+    elif cfg.get("mobile", False):
+        raise ValueError(f"option 'mobile' needs a ResNet netG ('resnet_<n>blocks'), got {name!r}")
     else:
         raise ValueError(f"netG must be 'resnet_<n>blocks' (e.g. 'resnet_9blocks') or 'unet_<size>' with size a "
                          f"power of two >= 32 (e.g. 'unet_256'), got {name!r}")

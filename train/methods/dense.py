@@ -43,6 +43,7 @@ class Dense(Method):
     defaults = dict(
         model="cyclegan",
         netG="resnet_9blocks",
+        mobile=False,
         netD="basic",
         ngf=64,
         ndf=64,

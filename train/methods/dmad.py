@@ -35,8 +35,8 @@ import gansparse
 from gansparse import export
 from gansparse.functional import attention_distill_loss
 from gansparse.masks import DMADMask, binarize_masks_, dmad_bound, mask_losses, mask_sparsity, set_dmad_bound_
-from gansparse.models import ResnetGenerator, load_reference_state_dict, residual_mask_groups
-from gansparse.models.pix2pix import ResnetBlock
+from gansparse.models import load_reference_state_dict, residual_mask_groups
+from gansparse.models.pix2pix import residual_blocks
 
 from .. import checkpoint
 from ..config import load_yaml
@@ -50,7 +50,8 @@ from .dense import Dense
 __all__ = ["DMAD", "coattention_loss", "compact_student", "load_teacher", "parse_macs"]
 
 #: options of a dense teacher run that fix the networks' architecture
-ARCHITECTURE_KEYS = ("model", "netG", "netD", "ngf", "ndf", "n_layers_D", "norm", "dropout", "input_nc", "output_nc")
+ARCHITECTURE_KEYS = ("model", "netG", "mobile", "netD", "ngf", "ndf", "n_layers_D", "norm", "dropout", "input_nc",
+                     "output_nc")
 
 # The paper's hyper-parameters (Sec. IV-A3) per task family.
 _CYCLEGAN = dict(model="cyclegan", netG="resnet_9blocks", norm="instance", dropout=False, gan_mode="lsgan",
@@ -125,8 +126,8 @@ class DMAD(Dense):
             self.nets[g + "_T"], self.nets[d + "_T"] = teacher[g].eval(), teacher[d].eval()
         if self.cyclegan:
             self.pools = [ImagePool(self.cfg["pool_size"]), ImagePool(self.cfg["pool_size"])]
-        if self.cfg["updown_loss"] == "bound" and not isinstance(self.nets["G"], ResnetGenerator):
-            raise ValueError("option updown_loss='bound' applies to the ResNet generator only")
+        if self.cfg["updown_loss"] == "bound" and not residual_blocks(self.nets["G"]):
+            raise ValueError("option updown_loss='bound' applies to the ResNet generators only")
         self.teacher_macs = gansparse.profile(self.nets["G_T"], *self.example_inputs())["macs"]
         self.target_macs = parse_macs(self.cfg["target_macs"], self.teacher_macs)
         self._set_up_distillation()
@@ -354,11 +355,11 @@ def compact_student(G: nn.Module, *example_inputs: torch.Tensor) -> nn.Module:
     return export.compact(binarize_masks_(copy.deepcopy(G)), *example_inputs)
 
 
-def _updown_masks(G: ResnetGenerator) -> list[DMADMask]:
-    """The masks the official code gives its bound loss: the first conv's and the upsampling
-    convs' (after the last residual block)."""
+def _updown_masks(G: nn.Module) -> list[DMADMask]:
+    """The masks the official code gives its bound loss on a ResNet generator: the first conv's and
+    the upsampling convs' (after the last residual block)."""
     layers = list(G.model)
-    last_block = max(i for i, layer in enumerate(layers) if isinstance(layer, ResnetBlock))
+    last_block = residual_blocks(G)[-1]
     return [m for layer in [layers[2], *layers[last_block + 1:]] for m in layer.modules() if isinstance(m, DMADMask)]
 
 
