@@ -110,7 +110,9 @@ struct PaddedLayout {
   int64_t plane_stride;
 
   int64_t sample_size(int64_t channels) const { return channels * split_h * split_w * plane_stride; }
-  int64_t plane_start(int64_t c, int64_t a, int64_t b) const { return ((c * split_h + a) * split_w + b) * plane_stride; }
+  int64_t plane_start(int64_t c, int64_t a, int64_t b) const {
+    return ((c * split_h + a) * split_w + b) * plane_stride;
+  }
 };
 
 constexpr int64_t kLineFloats = 16;  // floats per 64-byte cache line
@@ -141,7 +143,8 @@ struct Plan {
 // outgrows L1 and its rows come from L2, as without groups.
 int64_t group_channels(const ConvShape& s, int64_t nnz) {
   const int64_t rows = s.transposed ? (s.kh - 1) * s.dilation_h / s.stride_h + 1 : s.kh * std::min(s.kw, s.stride_w);
-  const int64_t bytes = rows * (kBlockPixels + (s.kw - 1) * s.dilation_w / s.stride_w) * static_cast<int64_t>(sizeof(float));
+  const int64_t row_floats = kBlockPixels + (s.kw - 1) * s.dilation_w / s.stride_w;
+  const int64_t bytes = rows * row_floats * static_cast<int64_t>(sizeof(float));
   const int64_t phases = s.transposed ? s.stride_h * s.stride_w : 1;
   // Nonzeros per input channel, output channel and phase, times kMinGroupNonzeros.
   const double per_channel = static_cast<double>(nnz) / (s.c_out * s.c_in * phases);
