@@ -18,6 +18,7 @@ from gansparse.models import (
     decode_config,
     encode_config,
     load_reference_state_dict,
+    residual_mask_groups,
     sub_mobile_resnet_generator,
 )
 
@@ -129,6 +130,13 @@ def test_masks_sit_after_every_norm_but_not_inside_the_separable_convs():
         "model.10.conv_block.2.mask", "model.10.conv_block.7.mask",
         "model.11.conv_block.2.mask", "model.11.conv_block.7.mask",
         "model.13.mask", "model.16.mask"]
+
+
+def test_the_residual_stream_masks_form_one_group():
+    g = MobileResnetGenerator(3, 3, 4, "instance", n_blocks=2, mask="dmad")
+    # the second downsampling's mask feeds the stream; each block's last norm adds into it
+    assert residual_mask_groups(g) == [[g.model[8].mask, g.model[10].conv_block[7].mask,
+                                        g.model[11].conv_block[7].mask]]
 
 
 @pytest.mark.parametrize("make, sparsity", [
