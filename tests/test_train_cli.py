@@ -147,3 +147,19 @@ def test_the_package_works_installed_as_gansparse_train(capsys):
     finally:
         for name in [name for name in sys.modules if name == "gansparse.train" or name.startswith("gansparse.train.")]:
             del sys.modules[name]
+
+
+def test_the_embedded_default_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch, capsys):
+    import train.run
+
+    tiny = dict(Dense.presets["smoke"], netG="resnet_1blocks", ngf=4, ndf=4, steps=2, sample_every=1000,
+                eval=False, tensorboard=False, latency_threads=1)
+    monkeypatch.setitem(Dense.presets, "smoke", tiny)
+    monkeypatch.setattr(train.run, "DEFAULT_COMPRESSION", ["not_registered"])  # skipped, not an error
+    assert main(["--out", str(tmp_path)]) == 0
+    table = (tmp_path / "comparison.txt").read_text()
+    assert table.splitlines()[2].startswith("dense ")
+    assert "measured side by side" in table and table.strip() in capsys.readouterr().out
+    teacher = yaml.safe_load((tmp_path / "teacher" / "config.yaml").read_text())
+    assert teacher["steps"] == 2 and teacher["threads"] == 1 and teacher["overwrite"] is True
+    assert (tmp_path / "teacher" / "export" / "generator.safetensors").is_file()

@@ -427,8 +427,8 @@ def _export(method, run_dir: Path, log: _Log) -> Path:
 
 def evaluate(method, cfg: dict, log: _Log) -> dict:
     """The report's measurements. 'student' (the final model) and 'teacher' (None when the method
-    has none): params, MACs and CPU latency at batch 1 and the preset's resolution, with
-    latency_threads threads (gansparse.metrics.model_cost). With cfg['eval'], quality on the first
+    has none): params, MACs and CPU latency at batch 1 and the preset's resolution (the shapes in
+    'input_shapes'), with latency_threads threads (gansparse.metrics.model_cost). With cfg['eval'], quality on the first
     eval_size items of the test split (gansparse.metrics.evaluate_generator) in 'metrics' for the
     student and teacher['metrics'] for the teacher: PSNR and SSIM against the ground truth of
     paired data, L1 / PSNR / SSIM / LPIPS of the student against the teacher's outputs, FID / IS /
@@ -440,7 +440,7 @@ def evaluate(method, cfg: dict, log: _Log) -> dict:
     report = {"student": metrics.model_cost(copy.deepcopy(method.final_model()).cpu(), *inputs, threads=threads),
               "teacher": None if teacher is None else metrics.model_cost(copy.deepcopy(teacher).cpu(), *inputs,
                                                                          threads=threads),
-              "metrics": {}}
+              "metrics": {}, "input_shapes": [list(x.shape) for x in inputs]}
     if cfg["eval"]:
         dataset = build_dataset(cfg, method.data_kind, "test")
         count = min(cfg["eval_size"], len(dataset))

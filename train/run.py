@@ -12,6 +12,7 @@ runs/default/<name>/ and the table in runs/default/comparison.txt.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -100,10 +101,31 @@ def embedded_default(out: str | Path = "runs/default") -> list[dict]:
             method = METHODS[name]
             cfg = resolve(method, "smoke", overrides={"out": str(out / name), "teacher": str(teacher_dir), **common})
             reports.append(run(method, cfg))
-    table = comparison_table(reports)
+    threads = load_yaml(teacher_dir / "config.yaml")["latency_threads"]
+    table = comparison_table(_latency_side_by_side(reports, threads)) + (
+        f"\nCPU latency: the exported generators, measured side by side in one process (batch 1, {threads} "
+        f"thread{'s' * (threads > 1)})")
     (out / "comparison.txt").write_text(table + "\n")
     print(table)
     return reports
+
+
+def _latency_side_by_side(reports: list[dict], threads: int, rounds: int = 5) -> list[dict]:
+    """Copies of `reports` whose student latency is re-measured here, on each run's exported
+    generator, in alternating rounds (median of the rounds): times taken minutes apart by separate
+    runs on a shared machine do not compare."""
+    import torch
+
+    from gansparse import export, metrics
+
+    models = [export.load(Path(report["run_dir"]) / "export" / "generator.safetensors") for report in reports]
+    inputs = [[torch.randn(shape) for shape in report["input_shapes"]] for report in reports]
+    times = [[] for _ in reports]
+    for _ in range(rounds):
+        for model, x, measured in zip(models, inputs, times):
+            measured.append(metrics.cpu_latency_ms(model, *x, threads=threads, warmup=1, repeats=5))
+    return [{**report, "student": {**report["student"], "cpu_latency_ms": statistics.median(measured)}}
+            for report, measured in zip(reports, times)]
 
 
 def main(argv: list[str] | None = None) -> int:
