@@ -24,7 +24,8 @@ base objective's own options: lambda_A, lambda_B, lambda_identity and lambda_L1.
 Pruning (Sec. 5): magnitude pruning at `granularity` on the AGP schedule, from 5% after the first
 step to `sparsity` halfway through training, every `prune_frequency` steps
 (gansparse.prune.AGPPruner.self_supervised_gan_compression). An N:M granularity has one fixed
-sparsity, 1 - N/M, and is pruned once when the students are built.
+sparsity, 1 - N/M, and is pruned once when the students are built, in every layer whose input
+channels split into groups of M (the others, such as a first conv on RGB images, stay dense).
 
 Training length: 10% of the dense teacher's schedule in the paper's presets (Sec. 5). The result
 (final_model) is gansparse.sparsify of the student G: each layer runs the sparse kernel where it
@@ -122,8 +123,9 @@ class SelfSup(Dense):
         students = [self.nets[g] for g, _ in self._directions()]
         if self.n_m:
             self.pruners = []
-            for student in students:
-                magnitude_(student, cfg["sparsity"], cfg["granularity"])
+            m = int(cfg["granularity"].split(":")[1])
+            for layer in (layer for student in students for layer in student.modules() if _n_m_fits(layer, m)):
+                magnitude_(layer, cfg["sparsity"], cfg["granularity"])
         else:
             self.pruners = [AGPPruner.self_supervised_gan_compression(
                 student, int(cfg["steps"]), cfg["sparsity"], frequency=cfg["prune_frequency"],
@@ -242,6 +244,12 @@ def discriminator_term_weights(cfg: dict) -> dict[str, float]:
     """The weights of L_DC's terms: 1 for each discriminator's real/fake loss (the base GANs here
     have no gradient penalty)."""
     return {"D": 1.0} if cfg["model"] == "pix2pix" else {"D": 1.0, "D_inv": 1.0}
+
+
+def _n_m_fits(layer: nn.Module, m: int) -> bool:
+    """Whether `layer` is a sparse layer whose input channels split into groups of M (N:M pruning
+    leaves the others, e.g. a first conv reading 3 image channels, dense)."""
+    return isinstance(layer, SPARSE_LAYERS) and layer.weight.shape[0 if layer.transposed else 1] % m == 0
 
 
 def sparse_student(generator: nn.Module) -> nn.Module:
