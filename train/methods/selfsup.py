@@ -89,15 +89,16 @@ class SelfSup(Dense):
         if not 0 <= cfg["sparsity"] < 1:
             raise ValueError(f"option 'sparsity' must be in [0, 1), got {cfg['sparsity']!r}")
         if n_m is not None and abs(cfg["sparsity"] - (1 - int(n_m[1]) / int(n_m[2]))) > 1e-9:
-            raise ValueError(f"granularity {granularity!r} prunes to sparsity 1 - N/M = "
-                             f"{1 - int(n_m[1]) / int(n_m[2]):g}; pass --sparsity {1 - int(n_m[1]) / int(n_m[2]):g}, "
-                             f"got sparsity={cfg['sparsity']!r}")
+            fixed = 1 - int(n_m[1]) / int(n_m[2])
+            raise ValueError(f"granularity {granularity!r} prunes to sparsity 1 - N/M = {fixed:g}; pass "
+                             f"--sparsity {fixed:g}, got sparsity={cfg['sparsity']!r}")
         if cfg["prune_frequency"] < 1:
             raise ValueError(f"option 'prune_frequency' must be >= 1, got {cfg['prune_frequency']!r}")
         if cfg["lambda_dc"] < 0:
             raise ValueError(f"option 'lambda_dc' must be >= 0, got {cfg['lambda_dc']!r}")
         super().__init__(cfg, device)
-        self.n_m = n_m is not None
+        #: M of an N:M granularity, pruned once; None for the granularities pruned on the AGP schedule
+        self.group_size = int(n_m[2]) if n_m else None
 
     # --- structure --------------------------------------------------------------------------
 
@@ -121,10 +122,9 @@ class SelfSup(Dense):
         if self.cyclegan:
             self.pools = [ImagePool(cfg["pool_size"]), ImagePool(cfg["pool_size"])]  # fakes of B, fakes of A
         students = [self.nets[g] for g, _ in self._directions()]
-        if self.n_m:
+        if self.group_size is not None:
             self.pruners = []
-            m = int(cfg["granularity"].split(":")[1])
-            for layer in (layer for student in students for layer in student.modules() if _n_m_fits(layer, m)):
+            for layer in (m for student in students for m in student.modules() if _n_m_fits(m, self.group_size)):
                 magnitude_(layer, cfg["sparsity"], cfg["granularity"])
         else:
             self.pruners = [AGPPruner.self_supervised_gan_compression(
@@ -155,8 +155,10 @@ class SelfSup(Dense):
     def _generator_terms(self, objective: Dense, real_A: torch.Tensor, real_B: torch.Tensor
                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(the base objective's generator loss terms, each generator's translation of its real
-        input) with `objective`'s generators: the students' (self) or the teacher's."""
-        taps = {g: FeatureTaps(objective.nets[g], [""]) for g, _ in self._directions()}  # the first forward
+        input) with `objective`'s generators: the students' (self) or the teacher's. The
+        translations are kept with their graph: the dense objective queues only detached ones."""
+        # In the dense objective, each generator's first forward translates its real input.
+        taps = {g: FeatureTaps(objective.nets[g], [""]) for g, _ in self._directions()}
         try:
             terms = objective._cyclegan_g(real_A, real_B) if self.cyclegan else objective._pix2pix_g(real_A, real_B)
             return terms, {g: tap.outputs()[0] for g, tap in taps.items()}
