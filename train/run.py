@@ -92,8 +92,9 @@ def embedded_default(out: str | Path = "runs/default") -> list[dict]:
     dense = get_method("dense")
     teacher_dir = out / "teacher"
     # Running the default again replaces its previous results. Its networks are so small that one
-    # CPU thread trains them faster than two (the teacher: 158 against 197 ms a step here), and
-    # two OpenMP threads that spin-wait slow down many times over when another process is busy.
+    # CPU thread trains them faster than two (the teacher: 158 against 197 ms a step with idle
+    # OpenMP threads sleeping), and with OpenMP's default spin-waiting two threads slow down many
+    # times over whenever another process is busy.
     common = {"overwrite": True, "threads": 1}
     reports = [run(dense, resolve(dense, "smoke", overrides={"out": str(teacher_dir), **common}))]
     for name in DEFAULT_COMPRESSION:
