@@ -178,7 +178,6 @@ class _Trainer:
             if not resume and checkpoint.latest(self.run_dir) is not None:
                 _clear_previous_run(self.run_dir, cfg["overwrite"])
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.log = _Log(self.run_dir if main else None)
         self.writer = None
         if main and cfg["tensorboard"]:
@@ -190,6 +189,8 @@ class _Trainer:
         seed_everything(cfg["seed"], cfg["deterministic"])
         self.method = method_cls(cfg, device)
         self.method.build()
+        if main:  # after build(), which may settle options (e.g. a teacher's architecture)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         for net in self.method.nets.values():
             net.to(device)
         distributed.broadcast_parameters(list(self.method.nets.values()))
