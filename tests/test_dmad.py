@@ -220,6 +220,6 @@ def test_resume_mid_search_gives_the_uninterrupted_run(teacher, tmp_path, one_th
         assert torch.equal(tensor, resumed_tensors[name]), name
 
 
-def test_a_missing_teacher_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="option 'teacher' must be a directory"):
-        main(["--method", "dmad", "--preset", "smoke", "--out", str(tmp_path / "run")])
+def test_a_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    assert main(["--method", "dmad", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 1
+    assert "error: option 'teacher' must be a directory" in capsys.readouterr().err

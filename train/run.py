@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(method, cfg, resume=args.resume is not None)
-    except (CheckpointError, FileExistsError) as error:
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:  # e.g. a missing teacher or dataset
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
