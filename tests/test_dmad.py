@@ -25,7 +25,8 @@ from gansparse.models import (
 )
 from train.distill import FeatureTaps, default_attention_layers, default_discriminator_layers
 from train import checkpoint
-from train.methods.dmad import coattention_loss, compact_student, parse_macs
+from train.config import resolve
+from train.methods.dmad import DMAD, coattention_loss, compact_student, load_teacher, parse_macs
 from train.run import main
 
 
@@ -218,6 +219,26 @@ def test_resume_mid_search_gives_the_uninterrupted_run(teacher, tmp_path, one_th
     assert resumed_tensors.keys() == full_tensors.keys()
     for name, tensor in full_tensors.items():
         assert torch.equal(tensor, resumed_tensors[name]), name
+
+
+def test_teachers_load_from_a_run_a_checkpoint_or_reference_files(teacher, tmp_path):
+    cfg = resolve(DMAD, "smoke", overrides={"teacher": str(teacher), "ngf": 16})
+    from_run = load_teacher(cfg, torch.device("cpu"))
+    assert cfg["ngf"] == 4  # the architecture is the teacher's
+    from_checkpoint = load_teacher(dict(cfg, teacher=str(checkpoint.latest(teacher))), torch.device("cpu"))
+    # The reference's files: one state dict per network, named as junyanz's CycleGAN saves them.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for ours, theirs in (("G", "G_A"), ("G_inv", "G_B"), ("D", "D_A"), ("D_inv", "D_B")):
+        torch.save(from_run[ours].state_dict(), reference / f"latest_net_{theirs}.pth")
+    from_files = load_teacher(dict(cfg, teacher=str(reference)), torch.device("cpu"))
+    for loaded in (from_checkpoint, from_files):
+        for name, net in from_run.items():
+            for (key, value), other in zip(net.state_dict().items(), loaded[name].state_dict().values()):
+                assert torch.equal(value, other), (name, key)
+    (reference / "latest_net_D_B.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="latest_net_D_B.pth is missing"):
+        load_teacher(dict(cfg, teacher=str(reference)), torch.device("cpu"))
 
 
 def test_a_missing_teacher_is_a_clear_error(tmp_path, capsys):

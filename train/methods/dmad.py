@@ -282,11 +282,11 @@ def coattention_loss(students: list[torch.Tensor], g_teachers: list[torch.Tensor
 def load_teacher(cfg: dict, device: torch.device) -> dict[str, nn.Module]:
     """The teacher networks, frozen: {'G', 'D'} and, for CycleGAN, {'G_inv', 'D_inv'}.
 
-    cfg['teacher'] is either the run directory of `--method dense` (its config.yaml fixes the
-    architecture, which is copied into cfg, and its latest checkpoint the weights), or a directory
-    of the reference's checkpoints: latest_net_G_A.pth, latest_net_G_B.pth, latest_net_D_A.pth and
-    latest_net_D_B.pth for CycleGAN, latest_net_G.pth and latest_net_D.pth for pix2pix, with the
-    architecture given by cfg's options.
+    cfg['teacher'] is either a run directory of `--method dense` (its config.yaml fixes the
+    architecture, which is copied into cfg, and its latest checkpoint the weights) or one of its
+    checkpoints (run/checkpoints/step_*), or a directory of the reference's checkpoints:
+    latest_net_G_A.pth, latest_net_G_B.pth, latest_net_D_A.pth and latest_net_D_B.pth for CycleGAN,
+    latest_net_G.pth and latest_net_D.pth for pix2pix, with the architecture given by cfg's options.
     """
     path = Path(cfg["teacher"]) if cfg["teacher"] else None
     if path is None or not path.is_dir():
@@ -295,8 +295,9 @@ def load_teacher(cfg: dict, device: torch.device) -> dict[str, nn.Module]:
             "`python -m train.run --method dense` or a directory of reference checkpoints (latest_net_G_A.pth, "
             "latest_net_G_B.pth, latest_net_D_A.pth, latest_net_D_B.pth for CycleGAN; latest_net_G.pth, "
             "latest_net_D.pth for pix2pix). `python -m train.run` with no arguments trains one first.")
-    if (path / "config.yaml").exists():
-        teacher_cfg = load_yaml(path / "config.yaml")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    if (run_dir / "config.yaml").exists():
+        teacher_cfg = load_yaml(run_dir / "config.yaml")
         cfg.update({key: teacher_cfg[key] for key in ARCHITECTURE_KEYS if key in teacher_cfg})
         tensors, _ = checkpoint.load(path)
         state = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
