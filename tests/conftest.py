@@ -16,3 +16,12 @@ import pytest  # noqa: E402
 def seed():
     """Every test draws the same random tensors, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs the test on one thread (tiny networks are faster so, and much faster on a busy machine)."""
+    from _runs import single_thread
+
+    with single_thread():
+        yield

@@ -20,12 +20,7 @@ OPTIONS = ["--method", "dense", "--preset", "smoke", "--device", "cpu", "--netG"
            "--export", "false", "--tensorboard", "false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):

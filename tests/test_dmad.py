@@ -2,17 +2,13 @@
 small end-to-end runs (search to a MACs target, compact export, fine-tuning, resume)."""
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import gansparse
+from _runs import assert_same_run, kill_at_checkpoint, train_teacher
 from gansparse import export
 
 from gansparse.masks import DMADMask, binarize_masks_, dmad_group_coefficients
@@ -140,7 +136,6 @@ def test_compact_student_matches_the_binarised_masked_student(make):
 
 # --- end to end --------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny, deterministic and on the CPU, so runs repeat exactly and take seconds.
 TINY = ["--device", "cpu", "--deterministic", "true", "--netG", "resnet_2blocks", "--ngf", "4", "--ndf", "4",
         "--crop_size", "32", "--load_size", "32", "--batch_size", "2", "--pool_size", "3", "--log_every", "1",
@@ -150,23 +145,7 @@ TINY = ["--device", "cpu", "--deterministic", "true", "--netG", "resnet_2blocks"
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A dense CycleGAN teacher trained for a few steps."""
-    out = tmp_path_factory.mktemp("teacher")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["--method", "dense", "--preset", "smoke", *TINY, "--steps", "4", "--eval", "false",
-                     "--export", "false", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return train_teacher(tmp_path_factory.mktemp("teacher"), "--preset", "smoke", *TINY)
 
 
 def _dmad(teacher: Path, out: Path, *options: str) -> list[str]:
@@ -194,31 +173,12 @@ def test_resume_mid_search_gives_the_uninterrupted_run(teacher, tmp_path, one_th
     options = ["--steps", "12", "--finetune_steps", "6", "--checkpoint_every", "4", "--eval", "false",
                "--export", "false"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    command = [sys.executable, "-m", "train.run", *_dmad(teacher, killed, *options)]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed / "checkpoints" / "step_00000004").exists():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
-    interrupted_at = int(checkpoint.latest(killed).name.split("_")[1])
+    interrupted_at = kill_at_checkpoint(_dmad(teacher, killed, *options), killed, 4)
     assert 4 <= interrupted_at < 12  # inside the search stage
 
     assert main(_dmad(teacher, full, *options)) == 0
     assert main(["--resume", str(killed)]) == 0  # through the rest of the search and the fine-tuning
-    full_tensors, full_state = checkpoint.load(checkpoint.latest(full))
-    resumed_tensors, resumed_state = checkpoint.load(checkpoint.latest(killed))
-    assert resumed_state["global_step"] == full_state["global_step"] == 18
-    assert resumed_state["history"] == full_state["history"]
-    assert resumed_tensors.keys() == full_tensors.keys()
-    for name, tensor in full_tensors.items():
-        assert torch.equal(tensor, resumed_tensors[name]), name
+    assert_same_run(full, killed, 18)
 
 
 def test_teachers_load_from_a_run_a_checkpoint_or_reference_files(teacher, tmp_path):

@@ -1,19 +1,12 @@
 """A run killed with SIGKILL and resumed with --resume logs the same losses, and ends with the same
 weights, as an uninterrupted run; a corrupt checkpoint is reported clearly."""
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import torch
 
+from _runs import assert_same_run, kill_at_checkpoint
 from train import checkpoint
 from train.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny, deterministic, CPU; dropout and the image pool exercise the RNG and extra-state restore.
 OPTIONS = ["--method", "dense", "--preset", "smoke", "--device", "cpu", "--deterministic", "true",
            "--netG", "resnet_1blocks", "--ngf", "4", "--ndf", "4", "--crop_size", "32", "--load_size", "32",
@@ -25,56 +18,20 @@ OPTIONS = ["--method", "dense", "--preset", "smoke", "--device", "cpu", "--deter
 STEPS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "train.run", *OPTIONS, "--steps", str(STEPS), *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _final_state(run_dir: Path):
-    return checkpoint.load(checkpoint.latest(run_dir))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    process = subprocess.Popen(_command("--out", str(killed)), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed / "checkpoints" / "step_00000008").exists():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert process.poll() is None, "the run ended before it could be killed"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
-    interrupted_at = int(checkpoint.latest(killed).name.split("_")[1])
+    command = [*OPTIONS, "--steps", str(STEPS)]
+    interrupted_at = kill_at_checkpoint([*command, "--out", str(killed)], killed, 8)
     assert 8 <= interrupted_at < STEPS
 
     # The same run uninterrupted, and the resumed one, in this process (one thread, like the killed one).
-    assert main(_command("--out", str(full))[3:]) == 0
+    assert main([*command, "--out", str(full)]) == 0
     assert main(["--resume", str(killed)]) == 0
-    full_tensors, full_state = _final_state(full)
-    resumed_tensors, resumed_state = _final_state(killed)
-    assert full_state["global_step"] == resumed_state["global_step"] == STEPS
-    assert resumed_state["history"] == full_state["history"]  # every step's losses, exactly
+    full_state, _ = assert_same_run(full, killed, STEPS)
     assert len(full_state["history"]["G_gan"]) == STEPS
-    assert full_tensors.keys() == resumed_tensors.keys()
-    for name, tensor in full_tensors.items():
-        assert torch.equal(tensor, resumed_tensors[name]), name
     # The resumed run appended to the log of the killed one.
     log = (killed / "log.txt").read_text()
     assert f"resuming {killed} from step_{interrupted_at:08d}" in log

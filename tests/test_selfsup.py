@@ -2,16 +2,12 @@
 the pruning schedule through the method, and small end-to-end runs (target sparsity, sparsified
 export, resume)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _runs import assert_same_run, kill_at_checkpoint, train_teacher
 from gansparse import export
 from gansparse.sparse import SPARSE_LAYERS
 from train import checkpoint
@@ -70,42 +66,23 @@ def test_paper_presets_train_a_tenth_of_the_dense_schedule():
 
 # --- on a trained teacher -------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny, deterministic and on the CPU, so runs repeat exactly and take seconds.
 TINY = ["--device", "cpu", "--deterministic", "true", "--ngf", "4", "--ndf", "4", "--crop_size", "32",
         "--load_size", "32", "--batch_size", "2", "--log_every", "1", "--sample_every", "1000",
         "--tensorboard", "false"]
 
 
-def _train_teacher(out: Path, preset: str, *options: str) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["--method", "dense", "--preset", preset, *TINY, *options, "--steps", "4", "--eval", "false",
-                     "--export", "false", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A dense CycleGAN teacher trained for a few steps."""
-    return _train_teacher(tmp_path_factory.mktemp("teacher"), "smoke", "--netG", "resnet_2blocks", "--pool_size", "3")
+    return train_teacher(tmp_path_factory.mktemp("teacher"), "--preset", "smoke", *TINY, "--netG", "resnet_2blocks",
+                         "--pool_size", "3")
 
 
 @pytest.fixture(scope="module")
 def pix2pix_teacher(tmp_path_factory):
     """A dense pix2pix (U-Net) teacher trained for a few steps."""
-    return _train_teacher(tmp_path_factory.mktemp("pix2pix_teacher"), "smoke_pix2pix")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return train_teacher(tmp_path_factory.mktemp("pix2pix_teacher"), "--preset", "smoke_pix2pix", *TINY)
 
 
 def _method(teacher: Path, preset: str = "smoke", **overrides) -> SelfSup:
@@ -235,33 +212,13 @@ def test_resume_after_sigkill_gives_the_uninterrupted_run(teacher, tmp_path, one
     options = ["--steps", "12", "--prune_frequency", "2", "--checkpoint_every", "4", "--eval", "false",
                "--export", "false"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    command = [sys.executable, "-m", "train.run", *_selfsup(teacher, killed, *options)]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed / "checkpoints" / "step_00000004").exists():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        process.kill()
-    interrupted_at = int(checkpoint.latest(killed).name.split("_")[1])
+    interrupted_at = kill_at_checkpoint(_selfsup(teacher, killed, *options), killed, 4)
     assert 4 <= interrupted_at < 12  # mid-schedule: the pruner's position must be restored
 
     assert main(_selfsup(teacher, full, *options)) == 0
     assert main(["--resume", str(killed)]) == 0
-    full_tensors, full_state = checkpoint.load(checkpoint.latest(full))
-    resumed_tensors, resumed_state = checkpoint.load(checkpoint.latest(killed))
-    assert resumed_state["global_step"] == full_state["global_step"] == 12
-    assert resumed_state["history"] == full_state["history"]
-    assert resumed_state["sparsity_history"] == full_state["sparsity_history"]
+    full_state, resumed_state = assert_same_run(full, killed, 12)
     assert resumed_state["method"]["pruners"] == full_state["method"]["pruners"]
-    assert resumed_tensors.keys() == full_tensors.keys()
-    for name, tensor in full_tensors.items():
-        assert torch.equal(tensor, resumed_tensors[name]), name
 
 
 def test_pix2pix_smoke_run(pix2pix_teacher, tmp_path, one_thread):
@@ -274,6 +231,6 @@ def test_pix2pix_smoke_run(pix2pix_teacher, tmp_path, one_thread):
     assert (out / "export" / "generator.safetensors").exists()
 
 
-def test_a_missing_teacher_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="option 'teacher' must be a directory"):
-        main(["--method", "selfsup", "--preset", "smoke", "--out", str(tmp_path / "run")])
+def test_a_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    assert main(["--method", "selfsup", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 1
+    assert "error: option 'teacher' must be a directory" in capsys.readouterr().err

@@ -18,13 +18,7 @@ TINY = dict(device="cpu", netG="resnet_1blocks", ngf=4, ndf=4, crop_size=32, loa
             sample_every=1000, eval=False, export=False, tensorboard=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, preset="smoke", **options) -> dict:
