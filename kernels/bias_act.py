@@ -22,6 +22,17 @@ define_op = custom_op if INTERPRETED else triton_op
 
 
 @triton.jit
+def _pre_activation(x_ptr, bias_ptr, idx, ok, C, inner, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    ACC: tl.constexpr):
+    # z = x + bias[c], with c the channel of flat index idx in either layout.
+    z = tl.load(x_ptr + idx, mask=ok, other=0.0).to(ACC)
+    if HAS_BIAS:
+        channel = idx % C if CHANNELS_LAST else (idx // inner) % C
+        z += tl.load(bias_ptr + channel, mask=ok, other=0.0).to(ACC)
+    return z
+
+
+@triton.jit
 def _gain(z, constants_ptr, ACC: tl.constexpr):
     # scale times torch's leaky_relu slope choice: 1 where z > 0, else the negative slope. The
     # constants are read from memory in the accumulation type: a float argument would be float32.
@@ -35,10 +46,7 @@ def _forward_kernel(x_ptr, bias_ptr, out_ptr, total, C, inner, constants_ptr,
                     HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
-    z = tl.load(x_ptr + idx, mask=ok, other=0.0).to(ACC)
-    if HAS_BIAS:
-        channel = idx % C if CHANNELS_LAST else (idx // inner) % C
-        z += tl.load(bias_ptr + channel, mask=ok, other=0.0).to(ACC)
+    z = _pre_activation(x_ptr, bias_ptr, idx, ok, C, inner, HAS_BIAS, CHANNELS_LAST, ACC)
     slope, scale = _gain(z, constants_ptr, ACC)
     tl.store(out_ptr + idx, (z * slope * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -48,10 +56,7 @@ def _backward_kernel(grad_ptr, x_ptr, bias_ptr, grad_x_ptr, total, C, inner, con
                      HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
-    z = tl.load(x_ptr + idx, mask=ok, other=0.0).to(ACC)
-    if HAS_BIAS:
-        channel = idx % C if CHANNELS_LAST else (idx // inner) % C
-        z += tl.load(bias_ptr + channel, mask=ok, other=0.0).to(ACC)
+    z = _pre_activation(x_ptr, bias_ptr, idx, ok, C, inner, HAS_BIAS, CHANNELS_LAST, ACC)
     g = tl.load(grad_ptr + idx, mask=ok, other=0.0).to(ACC)
     slope, scale = _gain(z, constants_ptr, ACC)
     tl.store(grad_x_ptr + idx, (g * (slope * scale)).to(grad_x_ptr.dtype.element_ty), mask=ok)
