@@ -160,17 +160,6 @@ def super_forward(net: MobileGenerator, x, channels):
     return x
 
 
-def randomise_(model: nn.Module) -> nn.Module:
-    """Non-trivial weights and running statistics (positive variances and scales), so a swapped or
-    mis-shaped tensor shows up in the outputs."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                positive = name.endswith(("running_var", "weight")) and t.dim() == 1
-                t.copy_(torch.rand_like(t) + 0.5 if positive else torch.randn_like(t) * 0.2)
-    return model
-
-
 def random_hard_masks_(model: nn.Module, sparsity: float, generator: torch.Generator) -> nn.Module:
     """Replace every mask of `model` by a 0/1 mask zeroing each channel with probability `sparsity`."""
     from gansparse.masks import HardMask, named_masks

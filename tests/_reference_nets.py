@@ -6,6 +6,7 @@ norm: 'batch' is BatchNorm2d(affine=True, track_running_stats=True), 'instance' 
 InstanceNorm2d(affine=False, track_running_stats=False), 'none' an Identity; convs followed by a
 norm have a bias only with instance norm.
 """
+import torch
 from torch import cat, nn
 
 
@@ -124,3 +125,14 @@ class PixelDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+def randomise_(model: nn.Module) -> nn.Module:
+    """Non-trivial weights and running statistics (positive variances and scales), so a swapped or
+    mis-shaped tensor shows up in the outputs."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                positive = name.endswith(("running_var", "weight")) and t.dim() == 1
+                t.copy_(torch.rand_like(t) + 0.5 if positive else torch.randn_like(t) * 0.2)
+    return model

@@ -10,7 +10,8 @@ from torch import nn
 from torchprofile import profile_macs
 
 import _reference_gan_compression as reference
-from _reference_gan_compression import random_hard_masks_, randomise_
+from _reference_gan_compression import random_hard_masks_
+from _reference_nets import randomise_
 from gansparse import export, profile
 from gansparse.masks import named_masks
 from gansparse.models import (

@@ -3,7 +3,6 @@
 reference's weights, the published parameter counts, and the masked variants."""
 import pytest
 import torch
-from torch import nn
 
 import _reference_nets as reference
 from gansparse.masks import HardMask, named_masks
@@ -37,21 +36,12 @@ def _id(case):
     return ours.__name__ + "-" + "-".join(str(v) for k, v in kwargs.items() if k not in ("input_nc", "output_nc"))
 
 
-def _randomise(model: nn.Module) -> None:
-    """Non-trivial weights and running statistics, so a swapped or mis-shaped tensor shows up."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if name.endswith(("running_var", "weight")) and t.dim() == 1
-                        else torch.randn_like(t) * 0.2)
-
-
 @pytest.mark.parametrize("case", SMALL, ids=[_id(c) for c in SMALL])
 def test_same_keys_shapes_and_outputs_as_the_reference(case):
     ours_class, reference_class, kwargs, side = case
     ref = reference_class(**kwargs)
     ours = ours_class(**kwargs)
-    _randomise(ref)
+    reference.randomise_(ref)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
     ours.load_state_dict(ref.state_dict())  # strict: no remapping of any kind
@@ -85,7 +75,7 @@ def test_published_parameter_counts(model, params):
 ], ids=["resnet-instance", "unet-batch", "resnet-none"])
 def test_masks_add_keys_only_and_all_ones_masks_change_nothing(make):
     plain, masked = make(None), make("hard")
-    _randomise(plain)
+    reference.randomise_(plain)
     result = load_reference_state_dict(masked, plain.state_dict())
     assert result.missing_keys and all(".mask." in key for key in result.missing_keys)
     assert set(masked.state_dict()) - set(plain.state_dict()) == set(result.missing_keys)

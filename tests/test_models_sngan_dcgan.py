@@ -10,7 +10,8 @@ from torch import nn
 from torchprofile import profile_macs
 
 import _reference_sngan_dcgan as reference
-from _reference_gan_compression import random_hard_masks_, randomise_
+from _reference_gan_compression import random_hard_masks_
+from _reference_nets import randomise_
 from gansparse import export, profile
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import dcgan, load_reference_state_dict, sngan

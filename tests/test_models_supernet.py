@@ -12,7 +12,7 @@ from torch import nn
 from torchprofile import profile_macs
 
 import _reference_gan_compression as reference
-from _reference_gan_compression import randomise_
+from _reference_nets import randomise_
 from gansparse import profile
 from gansparse.models import MobileResnetGenerator, SuperMobileResnetGenerator, decode_config
 from gansparse.models.supernet import CHANNEL_CONFIGS, SuperBatchNorm2d, SuperConv2d, SuperConvTranspose2d
