@@ -38,7 +38,7 @@ from torch import nn
 
 from gansparse import MaskedConv2d, MaskedConvTranspose2d
 
-from .pix2pix import PADDING_TYPES, ResidualBlock, _check_options, _conv_bias, _padding, norm_layer
+from .pix2pix import PADDING_TYPES, ResidualBlock, _check_options, _conv_bias, _example_image, _padding, norm_layer
 
 __all__ = ["CHANNEL_MULTIPLIERS", "Layers", "MobileResnetBlock", "MobileResnetGenerator", "SeparableConv2d",
            "block_groups", "build_layout", "check_layout", "config_channels", "decode_config", "encode_config",
@@ -184,6 +184,10 @@ class MobileResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.clamp(-1, 1) if self.clamp_input else x)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """A small input (batch 1, 32x32) for tracing, e.g. by gansparse.export.compact."""
+        return (_example_image(self, self.model[1].in_channels, 32),)
 
 
 def sub_mobile_resnet_generator(input_nc: int, output_nc: int, config: dict, norm: str = "instance",

@@ -120,6 +120,10 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """A small input (batch 1, 32x32) for tracing, e.g. by gansparse.export.compact."""
+        return (_example_image(self, self.model[1].in_channels, 32),)
+
 
 def residual_blocks(model: nn.Module) -> list[int]:
     """The indices of the residual blocks in a ResNet generator's `model` Sequential (this one's or
@@ -200,9 +204,22 @@ class UnetGenerator(nn.Module):
         for outer_nc in (ngf * 4, ngf * 2, ngf):
             block = UnetSkipConnectionBlock(outer_nc, outer_nc * 2, submodule=block, **options)
         self.model = UnetSkipConnectionBlock(output_nc, ngf, input_nc, block, outermost=True, **options)
+        self.num_downs = num_downs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """The smallest input the U-Net takes (batch 1, 2**num_downs square), for tracing."""
+        return (_example_image(self, self.model.model[0].in_channels, 2 ** self.num_downs),)
+
+
+def _example_image(model: nn.Module, channels: int, side: int) -> torch.Tensor:
+    """A fixed random image: export reads channel values from a run, and a constant image would
+    make every channel look constant."""
+    weight = next(model.parameters())
+    image = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(0))
+    return image.to(device=weight.device, dtype=weight.dtype)
 
 
 # --- discriminators --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import _reference_nets as reference
+from gansparse import export
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import (
     NLayerDiscriminator,
@@ -120,3 +121,16 @@ def test_load_reference_state_dict_drops_legacy_instance_norm_statistics_and_rej
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResnetGenerator(3, 3, 8, **kwargs)
+
+
+@pytest.mark.parametrize("model", [
+    ResnetGenerator(3, 3, 8, "instance", n_blocks=2, mask="dmad"),
+    UnetGenerator(3, 3, 5, 8, mask="sigmoid"),
+], ids=["resnet", "unet"])
+def test_generators_give_export_their_example_inputs(model):
+    """gansparse.export.compact(model) needs no inputs for the generators: they provide them."""
+    model.eval()
+    (example,) = model.example_inputs()
+    assert example.shape[:2] == (1, 3) and example.std() > 0  # random: export reads channel values from it
+    compact = export.compact(model)
+    export.check_equivalence(model, compact, torch.randn(2, 3, 64, 64))
