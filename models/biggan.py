@@ -11,7 +11,9 @@ computes.
 
 The interface is the reference's: G(z, y) takes y = G.shared(class ids), the shared class
 embedding, when G_shared (so callers can interpolate between classes), and the class ids
-themselves otherwise (G.shared is then an identity). D(x, y) takes class ids.
+themselves otherwise (G.shared is then an identity). D(x, y) takes class ids. As a convenience,
+a G_shared G also takes class ids, which it embeds itself (not while traced by torch.fx).
+G.example_inputs() and D.example_inputs() give batch-1 inputs in these forms.
 
 Pieces, each with the reference's keys:
 - spectral norm (SNConv2d, SNLinear, SNEmbedding): buffers u0.. (the left singular vector
@@ -29,16 +31,23 @@ Pieces, each with the reference's keys:
 
 mask (Generator): None, or a mask kind of gansparse.masks ('sigmoid', 'dmad', 'hard') after the
 second CBN of every G block, i.e. on the channels between conv1 and conv2, after the
-class-conditional affine and before the ReLU, where PPCD-GAN puts its learnable masks. The mask
-adds `blocks.<i>.0.bn2.mask.*` keys only: gansparse.models.load_reference_state_dict(G, checkpoint)
-loads a reference checkpoint into a masked G. (PPCD-GAN's second mask, after conv2, needs its 1x1
-transition layer before the residual sum, which is not part of this layout; SNConv2d takes a
-`mask` for that use.) The norms run as gansparse's fused norm + mask + ReLU op.
+class-conditional affine and before the ReLU, where PPCD-GAN puts its learnable masks; the masks
+are built with `mask_options` (keywords of the mask's class, e.g. a sigmoid mask's temperature).
+The mask adds `blocks.<i>.0.bn2.mask.*` keys only: gansparse.models.load_reference_state_dict(G,
+checkpoint) loads a reference checkpoint into a masked G. The norms run as gansparse's fused
+norm + mask + ReLU op.
+
+ppres (Generator): PPCD-GAN's PP-Res blocks (Sec. 3.2, see GBlock): with a mask, conv2's outputs
+are masked too (`blocks.<i>.0.conv2.mask.*`), and every block gets a 1x1 transition conv on its
+residual branch before the sum (`blocks.<i>.0.transition.*`, starting as the identity), so pruning
+inside a block never changes the channels between blocks. Off, the layout and keys are the
+reference's.
 
 Inference and export: fold_spectral_norm(model) bakes spectral norm into plain layers, in place;
 exportable(model) returns an eval-mode copy made of torch and gansparse layers only, which
-gansparse.export.compact(exportable(G), z, y) turns into a compact model without the masked
-channels (conv1's outputs, bn2's statistics and gain / bias rows, conv2's inputs).
+gansparse.export.compact(exportable(G)) (on G.example_inputs(), or given inputs) turns into a
+compact model without the masked channels (conv1's outputs, bn2's statistics and gain / bias rows,
+conv2's inputs; with PP-Res also conv2's outputs and the transition's inputs).
 
 Resolutions 32, 64, 128 and 256, as the reference's tables. Not supported (a clear error):
 cross_replica and mybn batch norms, norm styles other than 'bn',
@@ -56,7 +65,7 @@ from torch import fx, nn
 
 from gansparse import functional as GF
 from gansparse import ConditionalBatchNorm2d, MaskedConv2d
-from gansparse.masks import MASK_KINDS, as_mask
+from gansparse.masks import MASK_KINDS, as_mask, make_mask
 
 from .norms import ChannelMask, MaskedBatchNorm2d
 
@@ -363,20 +372,41 @@ class Attention(nn.Module):
 
 class GBlock(nn.Module):
     """x -> conv2(relu(bn2(conv1(up(relu(bn1(x, y)))), y))) + conv_sc(up(x)), up: nearest 2x.
-    bn2 carries the block's mask (before its ReLU)."""
+    bn2 carries the block's mask (before its ReLU).
 
-    def __init__(self, in_channels: int, out_channels: int, conv, norm, mask=None) -> None:
+    ppres (PPCD-GAN's PP-Res block, Sec. 3.2): conv2 masks its outputs too, and a 1x1
+    `transition` conv maps them back to out_channels on the residual branch, before the sum:
+    x -> transition(conv2(...)) + conv_sc(up(x)). The residual stream is thus never masked, and
+    both masks prune freely: bn2's mask conv1's outputs and conv2's inputs, conv2's mask conv2's
+    outputs and the transition's inputs. The transition starts as the identity (zero bias), so a
+    PP-Res block starts as the plain block with its masks applied.
+
+    make_mask: None, or a callable channels -> Mask (a new mask for each masked layer).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, conv, norm, make_mask=None, ppres: bool = False) -> None:
         super().__init__()
         self.conv1 = conv(in_channels, out_channels)
-        self.conv2 = conv(out_channels, out_channels)
+        self.conv2 = conv(out_channels, out_channels, mask=make_mask(out_channels) if ppres and make_mask else None)
         self.conv_sc = conv(in_channels, out_channels, kernel_size=1, padding=0)
         self.bn1 = norm(in_channels)
-        self.bn2 = norm(out_channels, mask=mask)
+        self.bn2 = norm(out_channels, mask=make_mask(out_channels) if make_mask else None)
+        self.transition = conv(out_channels, out_channels, kernel_size=1, padding=0) if ppres else None
+
+    @torch.no_grad()
+    def reset_transition_(self) -> None:
+        """The transition conv as the identity (weight eye, bias 0). A spectral-norm transition is
+        then unchanged by its normalisation: the identity's singular values are all 1."""
+        weight = self.transition.weight  # [C, C, 1, 1]
+        weight.copy_(torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)[:, :, None, None])
+        self.transition.bias.zero_()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = F.interpolate(self.bn1(x, y, activation="relu"), scale_factor=2)
         x = F.interpolate(x, scale_factor=2)
         h = self.conv2(self.bn2(self.conv1(h), y, activation="relu"))
+        if self.transition is not None:
+            h = self.transition(h)
         return h + self.conv_sc(x)
 
 
@@ -469,6 +499,9 @@ class Generator(nn.Module):
     len(blocks) + 1 chunks of dim_z // (len(blocks) + 1) (dim_z is rounded down to a multiple):
     the first feeds the linear map, block i gets cat([y, chunk i + 1]).
 
+    Keyword-only, not the reference's: mask, mask_options and ppres (the masks and PPCD-GAN's
+    PP-Res blocks, see the module docstring).
+
     Accepted and ignored, as the optimiser and precision belong to the training loop here:
     G_lr, G_B1, G_B2, adam_eps, G_mixed_precision, G_fp16, no_optim. Unknown keywords raise.
     """
@@ -477,7 +510,8 @@ class Generator(nn.Module):
                  n_classes=1000, num_G_SVs=1, num_G_SV_itrs=1, G_shared=True, shared_dim=0, hier=False,
                  cross_replica=False, mybn=False, G_activation=None, G_lr=5e-5, G_B1=0.0, G_B2=0.999,
                  adam_eps=1e-8, BN_eps=1e-5, SN_eps=1e-12, G_mixed_precision=False, G_fp16=False, G_init="ortho",
-                 skip_init=False, no_optim=False, G_param="SN", norm_style="bn", *, mask=None) -> None:
+                 skip_init=False, no_optim=False, G_param="SN", norm_style="bn", *, mask=None, mask_options=None,
+                 ppres=False) -> None:
         super().__init__()
         activation = nn.ReLU(inplace=False) if G_activation is None else G_activation
         _check_options(resolution, G_attn, "G_attn", activation, G_kernel_size, "G_kernel_size", G_init, "G_init")
@@ -488,6 +522,9 @@ class Generator(nn.Module):
             raise ValueError(f"G_param must be 'SN' (spectral norm) or 'None', got {G_param!r}")
         if mask is not None and mask not in MASK_KINDS:
             raise ValueError(f"mask must be None or one of {tuple(MASK_KINDS)}, got {mask!r}")
+        if mask_options is not None and not (mask is not None and isinstance(mask_options, dict)):
+            raise ValueError(f"mask_options must be None or, with a mask, a dict of keywords of the mask's class, "
+                             f"got {mask_options!r} with mask={mask!r}")
         if hier and not G_shared:
             raise ValueError("hier=True needs G_shared=True: the z chunks are concatenated to the shared embedding")
         for name, value in (("G_ch", G_ch), ("dim_z", dim_z), ("bottom_width", bottom_width),
@@ -520,10 +557,11 @@ class Generator(nn.Module):
             norm = functools.partial(ClassConditionalBatchNorm, cond_size=n_classes, linear=nn.Embedding, eps=BN_eps)
             self.shared = nn.Identity()
         self.linear = linear(self.dim_z // self.num_slots, in_widths[0] * bottom_width ** 2)
+        new_mask = functools.partial(make_mask, mask, **(mask_options or {})) if mask is not None else None
         attention = {int(r) for r in G_attn.split("_")}
         blocks = []
         for index, (cin, cout) in enumerate(zip(in_widths, out_widths)):
-            block = [GBlock(cin, cout, conv, norm, mask)]
+            block = [GBlock(cin, cout, conv, norm, new_mask, ppres)]
             if 8 * 2 ** index in attention:  # the block's output resolution, as the reference's table
                 block.append(Attention(cout, conv))
             blocks.append(nn.ModuleList(block))
@@ -531,10 +569,14 @@ class Generator(nn.Module):
         self.output_layer = nn.Sequential(BatchNorm(out_widths[-1]), activation, conv(out_widths[-1], 3))
         if not skip_init:
             _init_weights(self, G_init)
+            for blocklist in self.blocks if ppres else ():
+                blocklist[0].reset_transition_()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not isinstance(z, fx.Proxy):  # torch.fx tracing (export) passes proxies without shapes
             self._check_inputs(z, y)
+            if self.G_shared and not y.is_floating_point():  # class ids: embedded here
+                y = self.shared(y)
         if self.hier:
             zs = torch.split(z, self.z_chunk_size, 1)
             z = zs[0]
@@ -547,16 +589,27 @@ class Generator(nn.Module):
                 h = block(h, y_block)
         return torch.tanh(self.output_layer(h))
 
+    def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [1, dim_z], y) of class 0 for tracing, e.g. by gansparse.export.compact; y as forward
+        takes it once traced: G.shared(class ids) with G_shared, else the class ids."""
+        weight = self.linear.weight
+        z = torch.randn(1, self.dim_z, dtype=weight.dtype, device=weight.device)
+        ids = torch.zeros(1, dtype=torch.int64, device=weight.device)
+        with torch.no_grad():
+            return z, self.shared(ids).to(weight.dtype) if self.G_shared else ids
+
     def _check_inputs(self, z, y) -> None:
         if not (isinstance(z, torch.Tensor) and z.dim() == 2 and z.shape[1] == self.dim_z and z.is_floating_point()):
             raise ValueError(f"z must be a floating-point tensor [N, dim_z={self.dim_z}], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
-        if self.G_shared:
+        if self.G_shared and isinstance(y, torch.Tensor) and not y.is_floating_point():
+            _check_class_ids(y, "y", self.n_classes)
+        elif self.G_shared:
             if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[1] == self.shared_dim
                     and y.is_floating_point()):
                 raise ValueError(f"y must be G.shared(class ids), a floating-point tensor [N, shared_dim="
-                                 f"{self.shared_dim}], got {getattr(y, 'dtype', type(y).__name__)} of shape "
-                                 f"{tuple(getattr(y, 'shape', ()))}")
+                                 f"{self.shared_dim}], or the class ids [N], got "
+                                 f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}")
         else:
             _check_class_ids(y, "y", self.n_classes)
         if y.shape[0] != z.shape[0]:
@@ -619,6 +672,12 @@ class Discriminator(nn.Module):
                 h = block(h)
         h = torch.sum(self.activation(h), [2, 3])  # [N, C]
         return self.linear(h) + torch.sum(self.embed(y) * h, 1, keepdim=True)
+
+    def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [1, 3, resolution, resolution], class ids [1] of class 0) for tracing."""
+        weight = self.linear.weight
+        x = torch.randn(1, 3, self.resolution, self.resolution, dtype=weight.dtype, device=weight.device)
+        return x, torch.zeros(1, dtype=torch.int64, device=weight.device)
 
     def _check_inputs(self, x, y) -> None:
         side = self.resolution

@@ -338,6 +338,77 @@ def test_export_removes_the_masked_channels_and_keeps_the_outputs(kwargs, sparsi
         assert conv1.out_channels == conv2.in_channels == channels < g.get_submodule(f"{block}.conv1").out_channels
 
 
+# --- PP-Res blocks (PPCD-GAN) -------------------------------------------------------------------
+
+
+def test_ppres_adds_a_conv2_mask_and_an_identity_transition_and_starts_as_the_plain_block():
+    plain = biggan.Generator(**SMALL_G[1])
+    pp = biggan.Generator(**SMALL_G[1], mask="sigmoid", mask_options=dict(temperature=2.0, pivot=0.01), ppres=True)
+    assert [name for name, _ in named_masks(pp)] == [f"blocks.{i}.0.{layer}.mask" for i in range(4)
+                                                      for layer in ("conv2", "bn2")]
+    assert all(m.temperature == 2.0 and m.pivot == 0.01 for _, m in named_masks(pp))
+    extra = set(pp.state_dict()) - set(plain.state_dict())
+    assert all(".mask." in key or ".transition." in key for key in extra)
+    assert {f"blocks.{i}.0.transition.weight" for i in range(4)} <= extra
+    assert set(plain.state_dict()) <= set(pp.state_dict())
+    _randomise(plain)
+    pp.load_state_dict(plain.state_dict(), strict=False)
+    for name, mask in list(named_masks(pp)):  # all-ones masks: only the transitions remain
+        pp.get_submodule(name.rpartition(".")[0]).mask = HardMask(mask.channels)
+    z, ids = torch.randn(3, pp.dim_z), torch.tensor([0, 4, 2])
+    for train in (True, False):
+        plain.train(train), pp.train(train)
+        torch.testing.assert_close(pp(z, ids), plain(z, ids), rtol=1e-5, atol=1e-6)
+
+
+def _prune_randomly(g: nn.Module, fraction: float, seed: int) -> None:
+    """Sigmoid masks with random logits, binarised so that about `fraction` of each is 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, mask in named_masks(g):
+            mask.logits.copy_(torch.randn(mask.channels, generator=generator))
+            order = torch.randperm(mask.channels, generator=generator)[:max(1, round(fraction * mask.channels))]
+            mask.logits[order] = -10.0  # sigmoid(temperature * -10) is below the pivot
+            mask.binarize_()
+
+
+@pytest.mark.parametrize("kwargs", [SMALL_G[0], SMALL_G[1]], ids=["shared-hier", "class-embeddings"])
+def test_ppres_export_removes_both_masks_channels_and_keeps_the_outputs(kwargs):
+    g = biggan.Generator(**kwargs, mask="sigmoid", ppres=True)
+    _randomise(g)
+    _prune_randomly(g, 0.4, seed=len(kwargs))
+    g.train()
+    g(*g.example_inputs())  # batch statistics and power iterations move once
+    g.eval()
+    z, ids = torch.randn(3, g.dim_z), torch.tensor([1, 3, 0])
+    want = g(z, ids)
+    compact = export.compact(biggan.exportable(g))  # on G.example_inputs()
+    assert (compact(z, _condition(g, ids)) - want).abs().max().item() <= 1e-5
+    for index, blocklist in enumerate(g.blocks):
+        block = blocklist[0]
+        kept_1, kept_2 = int(block.bn2.mask.keep().sum()), int(block.conv2.mask.keep().sum())
+        small = {name: compact.get_submodule(f"blocks.{index}.0.{name}") for name in ("conv1", "conv2", "transition")}
+        assert small["conv1"].out_channels == small["conv2"].in_channels == kept_1 < block.conv1.out_channels
+        assert small["conv2"].out_channels == small["transition"].in_channels == kept_2 < block.conv2.out_channels
+        # the transition keeps the block's output width, so the next block and the shortcut still fit
+        assert small["transition"].out_channels == block.conv_sc.out_channels
+    params = sum(p.numel() for p in compact.parameters())
+    assert params < sum(p.numel() for n, p in g.named_parameters() if ".mask." not in n)
+
+
+def test_a_shared_generator_takes_class_ids_and_both_provide_example_inputs():
+    g = biggan.Generator(**SMALL_G[0]).eval()
+    ids = torch.tensor([4, 0])
+    z = torch.randn(2, g.dim_z)
+    torch.testing.assert_close(g(z, ids), g(z, g.shared(ids)))
+    z1, y1 = g.example_inputs()
+    assert z1.shape == (1, g.dim_z) and y1.shape == (1, g.shared_dim) and not y1.requires_grad
+    z1, y1 = CLASS_IDS.example_inputs()
+    assert z1.shape == (1, CLASS_IDS.dim_z) and y1.dtype == torch.int64 and y1.shape == (1,)
+    x1, y1 = D32.example_inputs()
+    assert x1.shape == (1, 3, 32, 32) and D32(x1, y1).shape == (1, 1)
+
+
 # --- arguments and inputs -----------------------------------------------------------------------
 
 
@@ -364,6 +435,8 @@ def test_training_only_keywords_are_accepted_and_init_follows_G_init():
     (lambda: biggan.Generator(G_ch=4, resolution=32, G_kernel_size=5), ValueError, "G_kernel_size must be 3"),
     (lambda: biggan.Generator(G_ch=4, resolution=32, G_init="kaiming"), ValueError, "G_init must be one of"),
     (lambda: biggan.Generator(G_ch=4, resolution=32, mask="l1"), ValueError, "mask must be None or one of"),
+    (lambda: biggan.Generator(G_ch=4, resolution=32, mask_options=dict(temperature=2.0)), ValueError,
+     "mask_options must be None or, with a mask"),
     (lambda: biggan.Generator(G_ch=4, dim_z=3, resolution=32, hier=True), ValueError, "dim_z must be at least 4"),
     (lambda: biggan.Generator(G_ch=1, resolution=32, G_attn="32"), ValueError, "ch must be an int >= 8"),
     (lambda: biggan.Generator(G_ch=4, resolution=32, G_shared=False, hier=True), ValueError, "hier=True needs G_sh"),
@@ -383,8 +456,9 @@ D32 = biggan.Discriminator(**SMALL_D[0], skip_init=True)
 @pytest.mark.parametrize("call, message", [
     (lambda: SHARED(torch.randn(2, 13), torch.randn(2, 8)), r"z must be a floating-point tensor \[N, dim_z=12\]"),
     (lambda: SHARED(torch.ones(2, 12, dtype=torch.long), torch.randn(2, 8)), "z must be a floating-point"),
-    (lambda: SHARED(torch.randn(2, 12), torch.tensor([0, 1])), r"y must be G.shared\(class ids\)"),
-    (lambda: SHARED(torch.randn(2, 12), torch.ones(2, 8, dtype=torch.long)), r"y must be G.shared\(class ids\)"),
+    (lambda: SHARED(torch.randn(2, 12), torch.randn(2, 7)), r"y must be G.shared\(class ids\).*or the class ids"),
+    (lambda: SHARED(torch.randn(2, 12), torch.ones(2, 8, dtype=torch.long)), "y must be class ids"),
+    (lambda: SHARED(torch.randn(2, 12), torch.tensor([0, 5])), r"class ids in \[0, 5\)"),
     (lambda: SHARED(torch.randn(2, 12), torch.randn(3, 8)), "y has 3 samples but z has 2"),
     (lambda: CLASS_IDS(torch.randn(2, 8), torch.randn(2, 8)), "y must be class ids"),
     (lambda: CLASS_IDS(torch.randn(2, 8), torch.tensor([0, 5])), r"class ids in \[0, 5\), got values in \[0, 5\]"),
@@ -393,7 +467,7 @@ D32 = biggan.Discriminator(**SMALL_D[0], skip_init=True)
     (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([0, 7])), r"class ids in \[0, 5\)"),
     (lambda: D32(torch.randn(2, 3, 32, 32), torch.tensor([[0, 1]])), "y must be class ids"),
     (lambda: SHARED.blocks[0][0].bn1(torch.randn(2, 15, 4, 4), torch.randn(2, 11)), r"x must be a tensor \[N, 16"),
-], ids=range(12))
+], ids=range(13))
 def test_bad_inputs_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
