@@ -22,8 +22,9 @@ from gansparse.models import (
 from train.distill import FeatureTaps, default_attention_layers, default_discriminator_layers
 from train import checkpoint
 from train.config import resolve
-from train.methods.dmad import DMAD, coattention_loss, compact_student, load_teacher, parse_macs
+from train.methods.dmad import DMAD, coattention_loss, compact_student, parse_macs
 from train.run import main
+from train.teacher import load_teacher
 
 
 def test_residual_group_is_the_stream_feeder_and_each_blocks_last_mask():

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 __all__ = ["Context", "average_gradients", "broadcast_parameters", "init", "mean_over_processes", "shutdown"]
 
 
@@ -48,7 +50,7 @@ def init(device: str) -> tuple[Context, torch.device]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ValueError(f"option 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {device!r}")
+        raise ConfigError(f"option 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device")
     if world_size == 1:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from gansparse import export, metrics
 
 from . import checkpoint, distributed
+from .config import ConfigError
 from .data import build_dataset, build_loader, loader_state, resume_loader
 from .report import save_image_grid, write_report
 
@@ -90,7 +91,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps: int) -> t
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg["lr_step_size"] or max(1, steps // 3), cfg["lr_gamma"])
     if policy == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    raise ValueError(f"option 'lr_policy' must be 'linear', 'step' or 'constant', got {policy!r}")
+    raise ConfigError(f"option 'lr_policy' must be 'linear', 'step' or 'constant', got {policy!r}")
 
 
 class _Log:
@@ -170,7 +171,7 @@ class _Trainer:
         self.context, device = distributed.init(cfg["device"])
         per_process_batch, remainder = divmod(cfg["batch_size"], self.context.world_size)
         if remainder or per_process_batch % cfg["accumulation"]:
-            raise ValueError(f"option 'batch_size' ({cfg['batch_size']}) must split evenly over "
+            raise ConfigError(f"option 'batch_size' ({cfg['batch_size']}) must split evenly over "
                              f"{self.context.world_size} process(es), then into {cfg['accumulation']} micro-batches")
         self.run_dir = Path(cfg["out"])
         main = self.context.is_main
@@ -393,16 +394,20 @@ def _gather_rng_states(context: distributed.Context) -> list[dict]:
 @torch.no_grad()
 def _sample_grid(method, batch: dict) -> tuple[torch.Tensor, int]:
     """(images [N * columns, C, H, W] in [-1, 1], columns): per sample, its input (if any), the
-    student's output, the teacher's (if any) and the target (paired data)."""
+    student's output, the teacher's (if any) on the same input and draws, and the target (paired
+    data)."""
     # Sampling must not move the training RNG streams (dropout, noise inputs), or a run that
-    # samples at other steps, or resumes, would train differently.
+    # samples at other steps, or resumes, would train differently. Its own draws (e.g. latents)
+    # are the same at every step, so the grids show the training's progress.
     devices = [method.device] if method.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        batch = method.prepare(batch)
         columns = [batch["A"]] if "A" in batch else []
         columns.append(method.generate(batch))
         teacher = method.teacher()
-        if teacher is not None and "A" in batch:
-            columns.append(teacher(batch["A"].to(method.device)))
+        if teacher is not None:
+            columns.append(method.generate(batch, teacher))
         if method.data_kind == "paired":
             columns.append(batch["B"])
     columns = [c.detach().float().cpu().clamp(-1, 1) for c in columns]
@@ -450,10 +455,11 @@ def evaluate(method, cfg: dict, log: _Log) -> dict:
         options = dict(target_key="B" if method.data_kind == "paired" else None,
                        real_key="B" if "B" in batches[0] else "image", lpips=cfg["eval_lpips"],
                        fidelity=cfg["eval_fidelity"])
-        # Teachers are compared on image-to-image data, where their input is the batch's A.
-        run_teacher = (lambda batch: teacher(batch["A"].to(method.device))) if teacher and "A" in batches[0] else None
+        run_teacher = (lambda batch: method.generate(batch, teacher)) if teacher is not None else None
         devices = [method.device] if method.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # evaluation must not move the RNG a resumed run restores
+            torch.manual_seed(cfg["seed"])
+            batches = [method.prepare(batch) for batch in batches]  # student and teacher get the same draws
             report["metrics"] = metrics.evaluate_generator(method.generate, batches, teacher=run_teacher, **options)
             if run_teacher is not None:
                 report["teacher"]["metrics"] = metrics.evaluate_generator(run_teacher, batches, **options)

@@ -28,6 +28,8 @@ from gansparse.models import (
     UnetGenerator,
 )
 
+from .config import ConfigError
+
 __all__ = ["build_discriminator", "build_generator", "init_weights"]
 
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
@@ -72,7 +74,7 @@ def build_generator(cfg: dict, mask: str | None = None, *, input_nc: int | None 
     elif (match := re.fullmatch(r"unet_(\d+)", name)) and _power_of_two(int(match[1])):
         net = UnetGenerator(input_nc, output_nc, num_downs=int(math.log2(int(match[1]))), **common)
     elif cfg.get("mobile", False):
-        raise ValueError(f"option 'mobile' needs a ResNet netG ('resnet_<n>blocks'), got {name!r}")
+        raise ConfigError(f"option 'mobile' needs a ResNet netG ('resnet_<n>blocks'), got {name!r}")
     else:
         raise ValueError(f"netG must be 'resnet_<n>blocks' (e.g. 'resnet_9blocks') or 'unet_<size>' with size a "
                          f"power of two >= 32 (e.g. 'unet_256'), got {name!r}")

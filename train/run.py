@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(method, cfg, resume=args.resume is not None)
+    except ConfigError as error:  # an option value the method or the base GAN rejects
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (CheckpointError, FileExistsError, FileNotFoundError) as error:  # e.g. a missing teacher or dataset
         print(f"error: {error}", file=sys.stderr)
         return 1

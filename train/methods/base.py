@@ -96,8 +96,14 @@ class Method:
         """Inputs of the student at the preset's resolution, for profiling and latency."""
         raise NotImplementedError
 
-    def generate(self, batch: dict) -> torch.Tensor:
-        """Student outputs on a data batch, images in [-1, 1], for sample grids and metrics."""
+    def prepare(self, batch: dict) -> dict:
+        """The data batch with the random draws the generators take (e.g. a latent), on the device.
+        The loop prepares a batch once before comparing student and teacher on it."""
+        return batch
+
+    def generate(self, batch: dict, net: nn.Module | None = None) -> torch.Tensor:
+        """Outputs of `net` (default: the student; e.g. the teacher) on a data batch, images in
+        [-1, 1], for sample grids and metrics."""
         raise NotImplementedError
 
     def final_model(self) -> nn.Module:

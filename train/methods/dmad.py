@@ -38,20 +38,14 @@ from gansparse.masks import DMADMask, binarize_masks_, dmad_bound, mask_losses, 
 from gansparse.models import load_reference_state_dict, residual_mask_groups
 from gansparse.models.pix2pix import residual_blocks
 
-from .. import checkpoint
-from ..config import load_yaml
-from ..losses import ImagePool
+from ..config import ConfigError
 from ..distill import FeatureTaps, default_attention_layers, default_discriminator_layers, parse_layers
-from ..nets import build_discriminator, build_generator
+from ..teacher import load_teacher
 from . import register
 from .base import Stage
 from .dense import Dense
 
-__all__ = ["DMAD", "coattention_loss", "compact_student", "load_teacher", "parse_macs"]
-
-#: options of a dense teacher run that fix the networks' architecture
-ARCHITECTURE_KEYS = ("model", "netG", "mobile", "netD", "ngf", "ndf", "n_layers_D", "norm", "dropout", "input_nc",
-                     "output_nc")
+__all__ = ["DMAD", "coattention_loss", "compact_student", "parse_macs"]
 
 # The paper's hyper-parameters (Sec. IV-A3) per task family.
 _CYCLEGAN = dict(model="cyclegan", netG="resnet_9blocks", norm="instance", dropout=False, gan_mode="lsgan",
@@ -105,29 +99,30 @@ class DMAD(Dense):
     }
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
+        if cfg["model"] not in ("cyclegan", "pix2pix"):
+            raise ConfigError(f"dmad compresses the image-to-image models: option 'model' must be 'cyclegan' or "
+                             f"'pix2pix', got {cfg['model']!r}")
         if cfg["updown_loss"] not in ("sparsity", "bound"):
-            raise ValueError(f"option 'updown_loss' must be 'sparsity' or 'bound', got {cfg['updown_loss']!r}")
+            raise ConfigError(f"option 'updown_loss' must be 'sparsity' or 'bound', got {cfg['updown_loss']!r}")
         if not 0 < cfg["search_end"] <= 1:
-            raise ValueError(f"option 'search_end' must be in (0, 1], got {cfg['search_end']!r}")
+            raise ConfigError(f"option 'search_end' must be in (0, 1], got {cfg['search_end']!r}")
         super().__init__(cfg, device)
         self.stage = "search"
 
     # --- structure --------------------------------------------------------------------------
 
-    def _directions(self) -> list[tuple[str, str]]:
-        """(student generator, discriminator judging its outputs) per compressed direction."""
-        return [("G", "D"), ("G_inv", "D_inv")] if self.cyclegan else [("G", "D")]
-
     def build(self) -> None:
         teacher = load_teacher(self.cfg, self.device)
-        for g, d in self._directions():
-            self.nets[g] = _student(self.cfg, teacher[g], inverse=g == "G_inv").to(self.device)
+        self.objective = type(self.objective)(self.cfg, self.device)  # with the teacher's architecture
+        for g, d in self.directions():
+            # A copy of the teacher generator with a DMAD mask after the norm of every conv (Eq. 3).
+            self.nets[g] = self.objective.build(g, mask="dmad")
+            load_reference_state_dict(self.nets[g], teacher[g].state_dict())
+            self.nets[g].to(self.device).train()
             self.nets[d] = copy.deepcopy(teacher[d]).requires_grad_(True)
             self.nets[g + "_T"], self.nets[d + "_T"] = teacher[g].eval(), teacher[d].eval()
-        if self.cyclegan:
-            self.pools = [ImagePool(self.cfg["pool_size"]), ImagePool(self.cfg["pool_size"])]
         if self.cfg["updown_loss"] == "bound" and not residual_blocks(self.nets["G"]):
-            raise ValueError("option updown_loss='bound' applies to the ResNet generators only")
+            raise ConfigError("option updown_loss='bound' applies to the ResNet generators only")
         self.teacher_macs = gansparse.profile(self.nets["G_T"], *self.example_inputs())["macs"]
         self.target_macs = parse_macs(self.cfg["target_macs"], self.teacher_macs)
         self._set_up_distillation()
@@ -137,7 +132,7 @@ class DMAD(Dense):
         for taps in getattr(self, "taps", {}).values():
             taps.close()
         self.taps = {}
-        for g, d in self._directions():
+        for g, d in self.directions():
             layers = parse_layers(cfg["attention_layers"]) or default_attention_layers(self.nets[g + "_T"])
             d_layers, feature_layer = default_discriminator_layers(self.nets[d + "_T"])
             d_layers = parse_layers(cfg["d_attention_layers"]) or d_layers
@@ -156,23 +151,23 @@ class DMAD(Dense):
         # The searched architecture is kept as a file, so a run resumed in this stage rebuilds it.
         searched = Path(self.cfg["out"]) / "search"
         searched.mkdir(parents=True, exist_ok=True)
-        for g, _ in self._directions():
+        for g, _ in self.directions():
             path = searched / f"{g}.safetensors"
             if not path.exists():
                 export.save(compact_student(self.nets[g], *self.example_inputs()), path)
             self.nets[g] = export.load(path).to(self.device).train()
         self._set_up_distillation()
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The dense method's, with the masks' parameters in a group of their own at mask_lr (0: lr)."""
-        cfg = self.cfg
-        masks = [p for g, _ in self._directions() for m in self.nets[g].modules() if isinstance(m, DMADMask)
+    def parameter_groups(self, part: str) -> list[dict]:
+        """Dense's, with the generators' masks in a group of their own at mask_lr (0: lr)."""
+        groups = super().parameter_groups(part)
+        if part != "G":
+            return groups
+        masks = [p for g, _ in self.directions() for m in self.nets[g].modules() if isinstance(m, DMADMask)
                  for p in m.parameters()]
         is_mask = {id(p) for p in masks}
-        weights = [p for g, _ in self._directions() for p in self.nets[g].parameters() if id(p) not in is_mask]
-        groups = [{"params": weights}] + ([{"params": masks, "lr": cfg["mask_lr"] or cfg["lr"]}] if masks else [])
-        G = torch.optim.Adam(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
-        return dict(super().optimizers(), G=G)
+        weights = [p for p in groups[0]["params"] if id(p) not in is_mask]
+        return [{"params": weights}] + ([{"params": masks, "lr": self.cfg["mask_lr"] or self.cfg["lr"]}] if masks else [])
 
     # --- losses -----------------------------------------------------------------------------
 
@@ -181,11 +176,12 @@ class DMAD(Dense):
             return super().loss(part, batch, step)
         for taps in self.taps.values():
             taps.reset()
+        batch = self.prepare(batch)
         total, logs = super().loss(part, batch, step)  # runs each student on its input first
-        real = {"G": batch["A"], "G_inv": batch["B"]}
         terms = {}
-        for g, d in self._directions():
-            coatt, fea = self._distillation(g, d, real[g].to(self.device))
+        for g, d in self.directions():
+            (real,) = self.objective.generator_inputs(batch, g)
+            coatt, fea = self._distillation(g, d, real)
             terms[f"{g}_coatt"], terms[f"{g}_fea"] = coatt, fea
             if self.stage == "search":
                 terms[f"{g}_spa"] = self._sparsity_loss(self.nets[g])
@@ -211,7 +207,7 @@ class DMAD(Dense):
         on the input for pix2pix)."""
         taps = self.taps[d + "_T"]
         taps.reset()
-        self.nets[d + "_T"](fake if self.cyclegan else torch.cat([real, fake], 1))
+        self.nets[d + "_T"](fake if self.cfg["model"] == "cyclegan" else torch.cat([real, fake], 1))
         return taps.outputs()
 
     def _sparsity_loss(self, G: nn.Module) -> torch.Tensor:
@@ -232,13 +228,13 @@ class DMAD(Dense):
             return
         # The bound of the next step, Eq. 4 with e = step + 1 of the search's E steps.
         bound = dmad_bound(step + 1, max(int(self.cfg["steps"]), 1), self.cfg["search_end"])
-        for g, _ in self._directions():
+        for g, _ in self.directions():
             set_dmad_bound_(self.nets[g], bound)
 
     def stage_done(self, step: int) -> bool:
         if self.stage != "search" or self.target_macs is None or (step + 1) % self.cfg["macs_every"]:
             return False
-        return max(self.compact_macs(g) for g, _ in self._directions()) <= self.target_macs
+        return max(self.compact_macs(g) for g, _ in self.directions()) <= self.target_macs
 
     def compact_macs(self, g: str = "G") -> int:
         """MACs of the compact generator the masks of `g` give now."""
@@ -246,7 +242,7 @@ class DMAD(Dense):
         return gansparse.profile(compact_student(self.nets[g], *inputs), *inputs)["macs"]
 
     def sparsity(self) -> dict[str, float]:
-        return {f"{g}.{name}": value for g, _ in self._directions()
+        return {f"{g}.{name}": value for g, _ in self.directions()
                 for name, value in mask_sparsity(self.nets[g]).items()} if self.stage == "search" else {}
 
     def final_model(self) -> nn.Module:
@@ -276,63 +272,7 @@ def coattention_loss(students: list[torch.Tensor], g_teachers: list[torch.Tensor
                                   teacher_mix=[0.5] + [share] * len(d_teachers), reduction=reduction)
 
 
-# --- teacher and student ---------------------------------------------------------------------
-
-
-def load_teacher(cfg: dict, device: torch.device) -> dict[str, nn.Module]:
-    """The teacher networks, frozen: {'G', 'D'} and, for CycleGAN, {'G_inv', 'D_inv'}.
-
-    cfg['teacher'] is either a run directory of `--method dense` (its config.yaml fixes the
-    architecture, which is copied into cfg, and its latest checkpoint the weights) or one of its
-    checkpoints (run/checkpoints/step_*), or a directory of the reference's checkpoints:
-    latest_net_G_A.pth, latest_net_G_B.pth, latest_net_D_A.pth and latest_net_D_B.pth for CycleGAN,
-    latest_net_G.pth and latest_net_D.pth for pix2pix, with the architecture given by cfg's options.
-    """
-    path = Path(cfg["teacher"]) if cfg["teacher"] else None
-    if path is None or not path.is_dir():
-        raise FileNotFoundError(
-            f"option 'teacher' must be a directory, got {cfg['teacher']!r}: either the run directory of "
-            "`python -m train.run --method dense` or a directory of reference checkpoints (latest_net_G_A.pth, "
-            "latest_net_G_B.pth, latest_net_D_A.pth, latest_net_D_B.pth for CycleGAN; latest_net_G.pth, "
-            "latest_net_D.pth for pix2pix). `python -m train.run` with no arguments trains one first.")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-    if (run_dir / "config.yaml").exists():
-        teacher_cfg = load_yaml(run_dir / "config.yaml")
-        cfg.update({key: teacher_cfg[key] for key in ARCHITECTURE_KEYS if key in teacher_cfg})
-        tensors, _ = checkpoint.load(path)
-        state = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-                 for name in ("G", "G_inv", "D", "D_inv")}
-    else:
-        files = (dict(G="G_A", G_inv="G_B", D="D_A", D_inv="D_B") if cfg["model"] == "cyclegan"
-                 else dict(G="G", D="D"))
-        state = {}
-        for name, suffix in files.items():
-            file = path / f"latest_net_{suffix}.pth"
-            if not file.exists():
-                raise FileNotFoundError(f"teacher checkpoint {file} is missing")
-            state[name] = torch.load(file, map_location="cpu", weights_only=True)
-    cyclegan = cfg["model"] == "cyclegan"
-    nets = {"G": build_generator(cfg)}
-    if cyclegan:
-        nets["G_inv"] = build_generator(cfg, input_nc=cfg["output_nc"], output_nc=cfg["input_nc"])
-        nets["D"] = build_discriminator(cfg)
-        nets["D_inv"] = build_discriminator(cfg, input_nc=cfg["input_nc"])
-    else:
-        nets["D"] = build_discriminator(cfg, input_nc=cfg["input_nc"] + cfg["output_nc"])
-    for name, net in nets.items():
-        if not state.get(name):
-            raise ValueError(f"the teacher in {path} has no weights for {name}")
-        load_reference_state_dict(net, state[name])
-        net.to(device).requires_grad_(False)
-    return nets
-
-
-def _student(cfg: dict, teacher: nn.Module, inverse: bool) -> nn.Module:
-    """A copy of a teacher generator with a DMAD mask after the norm of every conv (Eq. 3)."""
-    channels = dict(input_nc=cfg["output_nc"], output_nc=cfg["input_nc"]) if inverse else {}
-    student = build_generator(cfg, mask="dmad", **channels)
-    load_reference_state_dict(student, teacher.state_dict())
-    return student.train()
+# --- MACs budget and compaction ---------------------------------------------------------------
 
 
 def parse_macs(option: str, teacher_macs: int) -> int | None:
@@ -342,7 +282,7 @@ def parse_macs(option: str, teacher_macs: int) -> int | None:
     if not option.strip():
         return None
     if match is None or float(match[1]) <= 0:
-        raise ValueError(f"option 'target_macs' must be a positive MAC count such as '2.5G' or '400M', or a "
+        raise ConfigError(f"option 'target_macs' must be a positive MAC count such as '2.5G' or '400M', or a "
                          f"percentage of the teacher's MACs such as '25%', got {option!r}")
     value, unit = float(match[1]), match[2].upper()
     if unit == "%":

@@ -1,25 +1,24 @@
 """Method `selfsup`: Self-Supervised GAN Compression (../shared/papers/self-supervised-gan-compression.txt),
-fine-grained pruning of a trained generator supervised by its own pretrained discriminator, on
-CycleGAN (both directions) and pix2pix.
+fine-grained pruning of a trained generator supervised by its own pretrained discriminator, on any
+base GAN of train/objectives (option `model`; every direction of CycleGAN is compressed).
 
 Networks (Table 1 (b)):
 - G_o, the teacher generators G_T (and G_inv_T), frozen;
 - G_c, the students G (and G_inv): copies of the teacher generators with every conv and deconv a
   gansparse.SparseConv2d / SparseConvTranspose2d (a weight mask);
 - D_o, the teacher's discriminators D (and D_inv), which keep training with the base objective's
-  D loss on the students' samples (through CycleGAN's history pools), as the dense method does.
+  D loss on the students' samples (through its history pools, if any), as the dense method does.
 
 G's loss (Eq. 9): L = L_GC + lambda_dc * L_DC, both the weighted normalised distance
 sum_t w_t |l_t(o) - l_t(c)| / |l_t(o)| (consistency_loss) between a loss term computed with the
-original model and with the compressed one:
-- L_GC (Eq. 7) over the base objective's generator terms, G_o's against G_c's: the GAN terms
-  (weight 1), CycleGAN's cycle and identity terms or pix2pix's L1 term (generator_term_weights);
-- L_DC (Eq. 8) over the discriminator's loss terms, D_o's real/fake loss on G_o's samples against
-  on G_c's (weight 1 per discriminator). CycleGAN and pix2pix have no gradient penalty, so Eq. 8's
-  delta term does not arise.
+original model and with the compressed one, on the same data and random draws:
+- L_GC (Eq. 7) over the base objective's generator terms, G_o's against G_c's (e.g. the GAN terms,
+  CycleGAN's cycle and identity terms, pix2pix's L1 term);
+- L_DC (Eq. 8) over the base objective's discriminator terms, D_o's on G_o's samples against on
+  G_c's (e.g. the real/fake loss, a classification term, a gradient penalty).
 The paper weighs the terms by "the same values used in the original baseline" (alpha, beta and
-delta of Eq. 7-8 are StarGAN's lambda_cls, lambda_rec and lambda_gp), so here the weights are the
-base objective's own options: lambda_A, lambda_B, lambda_identity and lambda_L1.
+delta of Eq. 7-8 are StarGAN's lambda_cls, lambda_rec and lambda_gp), so the weights are the base
+objective's own (Objective.generator_weights / discriminator_weights).
 
 Pruning (Sec. 5): magnitude pruning at `granularity` on the AGP schedule, from 5% after the first
 step to `sparsity` halfway through training, every `prune_frequency` steps
@@ -35,8 +34,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import deque
-
 import torch
 from torch import nn
 
@@ -44,13 +41,12 @@ import gansparse
 from gansparse.prune import GRANULARITIES, AGPPruner, magnitude_
 from gansparse.sparse import SPARSE_LAYERS, convert
 
-from ..distill import FeatureTaps
-from ..losses import ImagePool
+from ..config import ConfigError
+from ..teacher import load_teacher
 from . import register
 from .dense import Dense
-from .dmad import load_teacher
 
-__all__ = ["SelfSup", "consistency_loss", "discriminator_term_weights", "generator_term_weights", "sparse_student"]
+__all__ = ["SelfSup", "consistency_loss", "sparse_student"]
 
 #: the paper's tasks; each preset is the dense preset with a tenth of its steps
 PAPER_TASKS = ("horse2zebra", "summer2winter", "edges2shoes", "cityscapes")
@@ -85,43 +81,38 @@ class SelfSup(Dense):
         granularity = cfg["granularity"]
         n_m = re.fullmatch(r"(\d+):(\d+)", granularity)
         if granularity not in ("element", "kernel", "filter") and n_m is None:
-            raise ValueError(f"option 'granularity' must be one of {GRANULARITIES}, got {granularity!r}")
+            raise ConfigError(f"option 'granularity' must be one of {GRANULARITIES}, got {granularity!r}")
         if not 0 <= cfg["sparsity"] < 1:
-            raise ValueError(f"option 'sparsity' must be in [0, 1), got {cfg['sparsity']!r}")
+            raise ConfigError(f"option 'sparsity' must be in [0, 1), got {cfg['sparsity']!r}")
         if n_m is not None and abs(cfg["sparsity"] - (1 - int(n_m[1]) / int(n_m[2]))) > 1e-9:
             fixed = 1 - int(n_m[1]) / int(n_m[2])
-            raise ValueError(f"granularity {granularity!r} prunes to sparsity 1 - N/M = {fixed:g}; pass "
+            raise ConfigError(f"granularity {granularity!r} prunes to sparsity 1 - N/M = {fixed:g}; pass "
                              f"--sparsity {fixed:g}, got sparsity={cfg['sparsity']!r}")
         if cfg["prune_frequency"] < 1:
-            raise ValueError(f"option 'prune_frequency' must be >= 1, got {cfg['prune_frequency']!r}")
+            raise ConfigError(f"option 'prune_frequency' must be >= 1, got {cfg['prune_frequency']!r}")
         if cfg["lambda_dc"] < 0:
-            raise ValueError(f"option 'lambda_dc' must be >= 0, got {cfg['lambda_dc']!r}")
+            raise ConfigError(f"option 'lambda_dc' must be >= 0, got {cfg['lambda_dc']!r}")
         super().__init__(cfg, device)
         #: M of an N:M granularity, pruned once; None for the granularities pruned on the AGP schedule
         self.group_size = int(n_m[2]) if n_m else None
 
     # --- structure --------------------------------------------------------------------------
 
-    def _directions(self) -> list[tuple[str, str]]:
-        """(student generator, discriminator judging its outputs) per compressed direction."""
-        return [("G", "D"), ("G_inv", "D_inv")] if self.cyclegan else [("G", "D")]
-
     def build(self) -> None:
         cfg = self.cfg
         model = cfg["model"]
         teacher = load_teacher(cfg, self.device)  # copies the teacher run's architecture into cfg
         if cfg["model"] != model:
-            raise ValueError(f"the teacher in {cfg['teacher']} is a {cfg['model']} model, but the options are "
+            raise ConfigError(f"the teacher in {cfg['teacher']} is a {cfg['model']} model, but the options are "
                              f"for {model}: pass the matching --preset (e.g. smoke_{cfg['model']}) or --model")
-        for g, d in self._directions():
+        self.objective = type(self.objective)(cfg, self.device)  # with the teacher's architecture
+        for g, d in self.directions():
             # The teacher runs in the students' (training) mode: pix2pix's generators are defined
             # with batch statistics and dropout, so that is the model whose loss terms G_c matches.
             self.nets[g + "_T"] = teacher[g].train()
             self.nets[g] = sparse_student(teacher[g]).to(self.device)
             self.nets[d] = teacher[d].requires_grad_(True).train()
-        if self.cyclegan:
-            self.pools = [ImagePool(cfg["pool_size"]), ImagePool(cfg["pool_size"])]  # fakes of B, fakes of A
-        students = [self.nets[g] for g, _ in self._directions()]
+        students = [self.nets[g] for g, _ in self.directions()]
         if self.group_size is not None:
             self.pruners = []
             for layer in (m for student in students for m in student.modules() if _n_m_fits(m, self.group_size)):
@@ -130,50 +121,32 @@ class SelfSup(Dense):
             self.pruners = [AGPPruner.self_supervised_gan_compression(
                 student, int(cfg["steps"]), cfg["sparsity"], frequency=cfg["prune_frequency"],
                 granularity=cfg["granularity"]) for student in students]
-        # The same objective with the teacher's generators (and the same, training, discriminators).
-        self._original = copy.copy(self)
-        self._original.nets = dict(self.nets, **{g: self.nets[g + "_T"] for g, _ in self._directions()})
-        self._original._fakes = deque(maxlen=0)  # its fakes train no discriminator: keep none
+
+    def original_nets(self) -> dict[str, nn.Module]:
+        """The base GAN with the teacher's generators (and the same, training, discriminators)."""
+        return dict(self.nets, **{g: self.nets[g + "_T"] for g, _ in self.directions()})
 
     # --- losses -----------------------------------------------------------------------------
 
     def loss(self, part: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if part != "G":
             return super().loss(part, batch, step)  # D_o's own loss on the students' samples
-        real_A, real_B = batch["A"].to(self.device), batch["B"].to(self.device)
-        # The students' run also queues their fakes for D's loss that follows.
-        g_compressed, fakes_compressed = self._generator_terms(self, real_A, real_B)
+        batch = self.prepare(batch)  # the original and the compressed model see the same draws
+        objective = self.objective
+        g_compressed, fakes_compressed = objective.generator_terms(self.nets, batch)
+        self._fakes.append((batch, {g: fake.detach() for g, fake in fakes_compressed.items()}))  # for D's loss
         with torch.no_grad():
-            g_original, fakes_original = self._generator_terms(self._original, real_A, real_B)
-            d_original = self._discriminator_terms(real_A, real_B, fakes_original)
-        d_compressed = self._discriminator_terms(real_A, real_B, fakes_compressed)
-        gc = consistency_loss(g_original, g_compressed, generator_term_weights(self.cfg))
-        dc = consistency_loss(d_original, d_compressed, discriminator_term_weights(self.cfg))
+            g_original, fakes_original = objective.generator_terms(self.original_nets(), batch)
+        # Eq. 8 compares D's loss terms on the two models' samples; D's weights get no gradient here
+        # (the loop updates G's parameters only), but G_c's samples do.
+        with torch.enable_grad():
+            d_original = {t: v.detach() for t, v in
+                          objective.discriminator_terms(self.nets, batch, fakes_original).items()}
+        d_compressed = objective.discriminator_terms(self.nets, batch, fakes_compressed)
+        gc = consistency_loss(g_original, g_compressed, objective.generator_weights())
+        dc = consistency_loss(d_original, d_compressed, objective.discriminator_weights())
         logs = {"GC": gc.item(), "DC": dc.item(), **{name: value.item() for name, value in g_compressed.items()}}
         return gc + self.cfg["lambda_dc"] * dc, logs
-
-    def _generator_terms(self, objective: Dense, real_A: torch.Tensor, real_B: torch.Tensor
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(the base objective's generator loss terms, each generator's translation of its real
-        input) with `objective`'s generators: the students' (self) or the teacher's. The
-        translations are kept with their graph: the dense objective queues only detached ones."""
-        # In the dense objective, each generator's first forward translates its real input.
-        taps = {g: FeatureTaps(objective.nets[g], [""]) for g, _ in self._directions()}
-        try:
-            terms = objective._cyclegan_g(real_A, real_B) if self.cyclegan else objective._pix2pix_g(real_A, real_B)
-            return terms, {g: tap.outputs()[0] for g, tap in taps.items()}
-        finally:
-            for tap in taps.values():
-                tap.close()
-
-    def _discriminator_terms(self, real_A: torch.Tensor, real_B: torch.Tensor, fakes: dict[str, torch.Tensor]
-                             ) -> dict[str, torch.Tensor]:
-        """The discriminators' losses on real images and on `fakes` (no history pool: these are
-        G's loss terms)."""
-        if not self.cyclegan:
-            return self._pix2pix_d(real_A, real_B, fakes["G"])
-        return {"D": self._d_loss(self.nets["D"], real_B, fakes["G"]),
-                "D_inv": self._d_loss(self.nets["D_inv"], real_A, fakes["G_inv"])}
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -185,7 +158,7 @@ class SelfSup(Dense):
         """{'<generator>.<layer>': fraction of the layer's weights pruned} over the students, plus
         'overall' over all their weights."""
         report, pruned, total = {}, 0, 0
-        for g, _ in self._directions():
+        for g, _ in self.directions():
             for name, layer in self.nets[g].named_modules():
                 if isinstance(layer, SPARSE_LAYERS):
                     kept = int(layer.weight_mask.count_nonzero())
@@ -229,23 +202,6 @@ def consistency_loss(losses_original: dict[str, torch.Tensor], losses_compressed
         raise ValueError("consistency_loss: weights is empty; it names the loss terms to compare")
     return sum(weight * (losses_original[t] - losses_compressed[t]).abs() / losses_original[t].abs().clamp_min(eps)
                for t, weight in weights.items())
-
-
-def generator_term_weights(cfg: dict) -> dict[str, float]:
-    """The weights of L_GC's terms: the base objective's (dense.Dense's G loss terms, which hold
-    them as factors that the normalised distance cancels)."""
-    if cfg["model"] == "pix2pix":
-        return {"G_gan": 1.0, "G_L1": cfg["lambda_L1"]}
-    weights = {"G_gan": 1.0, "G_inv_gan": 1.0, "cycle_A": cfg["lambda_A"], "cycle_B": cfg["lambda_B"]}
-    if cfg["lambda_identity"] > 0:
-        weights.update(idt_A=cfg["lambda_A"] * cfg["lambda_identity"], idt_B=cfg["lambda_B"] * cfg["lambda_identity"])
-    return weights
-
-
-def discriminator_term_weights(cfg: dict) -> dict[str, float]:
-    """The weights of L_DC's terms: 1 for each discriminator's real/fake loss (the base GANs here
-    have no gradient penalty)."""
-    return {"D": 1.0} if cfg["model"] == "pix2pix" else {"D": 1.0, "D_inv": 1.0}
 
 
 def _n_m_fits(layer: nn.Module, m: int) -> bool:
