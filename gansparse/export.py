@@ -28,12 +28,18 @@ layer reading it can absorb that constant:
   constant input stays constant where its padding allows (a 0 input gives the bias);
 - a product contracted over channels (the query-key product of self-attention) drops channel c
   from both factors when either factor's channel c is 0;
+- StyleGAN2's modulated conv (x, style, input_mask) drops input channel c when its style is 0
+  (input_mask[c] == 0: it leaves the conv and the demodulation alike, and its row of the style
+  linear goes too) or, without demodulation, when x[c] is 0; it becomes plain layers in the form
+  of its unfused path, conv(x * style) * rsqrt(demodulation(style^2) + eps), the input mask's
+  values folded into the style linear;
 - the model's outputs, the inputs of layers export does not know and class-conditional norms
   (whose per-sample affine turns a constant into a per-sample value) keep their channels.
 Channels that layers tie together go together or stay together: the two sides of an addition
 (so a residual stream channel goes only if it is masked in every block adding into the stream),
 the inputs and output of per-channel layers (norms and their statistics, activations, padding,
-pooling, CBN embeddings or linear maps), the halves of a U-Net skip concatenation, the query and
+pooling, CBN embeddings or linear maps, gansparse's upfirdn2d and fused_leaky_relu with its bias,
+a mask the model multiplies by and every other read of that mask), the halves of a U-Net skip concatenation, the query and
 key projections of an attention product. The conv producing a removed channel loses that output
 channel, the layers reading it lose that input channel, the layers in between lose its
 parameters. A tensor keeps at least one channel (a fully masked layer keeps one zero channel).
@@ -44,7 +50,9 @@ through the graph (through views, transposes and reductions too, checked by runn
 tensor holding its channel index), ties channels in a union-find, marks which channels are
 provably constant and reads their values. The result is a torch.fx GraphModule of plain torch
 layers. Example inputs are needed for those values and for the shapes; a model may provide them
-itself with a method `example_inputs()`.
+itself with a method `example_inputs()`. A model whose forward torch.fx cannot trace may provide
+`exportable()`, the module to trace in its place (StyleGAN2's generator: z -> image with its noise
+buffers, without the random style mixing).
 
 Why not Torch-Pruning. Its DependencyGraph does trace through gansparse layers (through their
 autograd graph), and it groups coupled channels well, but it answers a different question: which
@@ -58,8 +66,9 @@ graph is what save() stores.
 save / load: one safetensors file. The tensors are the compact model's state_dict; its metadata
 holds a JSON architecture: each module of the graph as a torch.nn class name and its constructor
 arguments, and the torch.fx graph as a list of nodes (operation, target, arguments). Functions are
-stored by name and looked up only in torch, torch.nn.functional, operator and builtins' getattr,
-modules only in torch.nn, so loading runs no pickle and no code from the file.
+stored by name and looked up only in torch, torch.nn.functional, operator, builtins' getattr and
+a table of gansparse's own ops (upfirdn2d, fused_leaky_relu: StyleGAN2's), modules only in
+torch.nn, so loading runs no pickle and no code from the file, and needs no training code.
 """
 from __future__ import annotations
 
@@ -80,6 +89,8 @@ from torch import fx, nn
 
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
 from .masks import Mask, named_masks
+from .ops.bias_act import fused_leaky_relu
+from .ops.upfirdn2d import upfirdn2d
 from .sparse import SparseConv2d, SparseConvTranspose2d
 
 __all__ = ["check_equivalence", "compact", "effective_mask_values", "load", "pruned_reference", "save"]
@@ -93,6 +104,14 @@ def _masked_norm_types() -> tuple[type, ...]:
     from gansparse.models.norms import ChannelMask, MaskedBatchNorm2d, MaskedInstanceNorm2d
 
     return (MaskedBatchNorm2d, MaskedInstanceNorm2d, ChannelMask)
+
+
+@functools.cache
+def _zoo_leaves() -> tuple[type, ...]:
+    """The model zoo's layers compact converts as a whole: StyleGAN2's modulated conv."""
+    from gansparse.models.stylegan2 import ModulatedConv2d
+
+    return (ModulatedConv2d,)
 
 
 # --- the model compact reproduces -----------------------------------------------------------------
@@ -154,7 +173,7 @@ class _Tracer(fx.Tracer):
     and compact replaces them as a whole)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _GANSPARSE_LEAVES + _masked_norm_types() + (Mask,)):
+        if isinstance(m, _GANSPARSE_LEAVES + _masked_norm_types() + _zoo_leaves() + (Mask,)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -173,7 +192,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 def _check_module_types(gm: fx.GraphModule) -> None:
     """Every gansparse module the graph calls must be one compact knows exactly (a subclass may
     compute something else), called once."""
-    known = _GANSPARSE_LEAVES + _masked_norm_types()
+    known = _GANSPARSE_LEAVES + _masked_norm_types() + _zoo_leaves()
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -265,6 +284,12 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def _cuttable(arg) -> bool:
+    """A per-channel tensor argument compact can cut to the kept channels: None, or a tensor of the
+    model that only this call reads."""
+    return arg is None or (isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1)
+
+
 class _ChannelAnalysis(fx.Interpreter):
     """Runs the graph on example inputs and records, per node, the _Flow of its output."""
 
@@ -274,6 +299,9 @@ class _ChannelAnalysis(fx.Interpreter):
         self.flows: dict[fx.Node, _Flow | None] = {}
         # Per consumer node: the values [C] of its input channels (for folding constants).
         self.input_values: dict[fx.Node, torch.Tensor] = {}
+        # Per modulated conv node: the values [C_in] of its input mask, which scale its styles.
+        self.style_scales: dict[fx.Node, torch.Tensor] = {}
+        self.mask_flows: dict[str, _Flow] = {}  # per mask the model reads: one flow for all its calls
         self.calls = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -358,6 +386,8 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._unknown(n, out) if holds_tensors else None
         if n.op == "call_module":
             module = self.module.get_submodule(n.target)
+            if isinstance(module, Mask):
+                return self._mask(n, module)
             stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
             if self.calls[n.target] > 1 and stateful:  # one set of weights cannot be cut two ways
                 return self._unknown(n, out)
@@ -373,6 +403,10 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._matmul(n, out)
         if key in _SOFTMAX:
             return self._softmax(n, out)
+        if key is upfirdn2d:
+            return self._fir_filter(n, out)
+        if key is fused_leaky_relu:
+            return self._bias_act(n, out)
         if key is F.pad:
             return self._pad(n, out, self.args_now[1], self._arg(n, "mode", 2, "constant"),
                              self._arg(n, "value", 3, None) or 0.0)
@@ -430,9 +464,41 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._softmax(n, out)
         if isinstance(module, _LAYOUT_MODULES):
             return self._layout(n, out)
-        if isinstance(module, Mask):  # a mask read directly by the model: becomes a constant
-            return None
+        if isinstance(module, _zoo_leaves()):
+            return self._modulated_conv(n, module, out)
         return self._unknown(n, out)
+
+    def _mask(self, n: fx.Node, mask: Mask) -> _Flow:
+        """A mask read by the model (e.g. to multiply a tensor by it): a constant [C] whose channel c
+        goes with whatever channel c it scales. Every call reads the same channels."""
+        if n.target not in self.mask_flows:
+            self.mask_flows[n.target] = self._new(0, mask.channels, torch.ones(mask.channels, dtype=torch.bool))
+        return self.mask_flows[n.target]
+
+    def _modulated_conv(self, n: fx.Node, conv: nn.Module, out) -> _Flow:
+        """StyleGAN2's modulated conv (x, style, input_mask): input channel c goes when its style is
+        0 (input_mask[c] == 0), which takes it out of the conv and of the demodulation alike, or,
+        without demodulation, when x[c] is 0. input_mask[c] and x[c] are the same channel."""
+        arg, flow = self._input(n)
+        style = n.args[1] if len(n.args) > 1 else n.kwargs.get("style")
+        self.pin(self.flows.get(style))
+        mask = n.args[2] if len(n.args) > 2 else n.kwargs.get("input_mask")
+        style_zero = torch.zeros(conv.in_channel, dtype=torch.bool)
+        if mask is not None:
+            mask_flow = self.flows.get(mask) if isinstance(mask, fx.Node) else None
+            if mask_flow is None or mask_flow.axis != 0 or not bool(mask_flow.const.all()):
+                raise NotImplementedError(f"export: the input_mask of modulated conv '{n.target}' must be a mask "
+                                          "module of the model (a constant per channel)")
+            values, _ = self.states[mask]
+            self.style_scales[n] = values
+            style_zero = values == 0
+            if flow is not None:
+                for s, t in zip(flow.slots, mask_flow.slots):
+                    self.union(s, t)
+        if flow is not None:
+            removable = style_zero | (self._const_zero(arg, flow) & (not conv.demodulate))
+            self.pin(flow, torch.nonzero(~removable | (flow.axis != 1)).flatten().tolist())
+        return self._new(1, out.shape[1])
 
     @staticmethod
     def _mask_zero(module: nn.Module, channels: int) -> torch.Tensor:
@@ -462,6 +528,26 @@ class _ChannelAnalysis(fx.Interpreter):
         if flow is None:
             return None
         if out.shape != self.env[arg].shape:
+            return self._unknown(n, out)
+        return self._same(flow, flow.const)
+
+    def _fir_filter(self, n: fx.Node, out) -> _Flow | None:
+        """gansparse's upfirdn2d: channel c out of channel c in; with its zero padding, only a 0
+        channel stays constant."""
+        arg, flow = self._input(n)
+        if flow is None:
+            return None
+        if flow.axis != 1:
+            return self._unknown(n, out)
+        return self._same(flow, self._const_zero(arg, flow))
+
+    def _bias_act(self, n: fx.Node, out) -> _Flow | None:
+        """gansparse's fused_leaky_relu(x, bias[C], ...): per channel, and bias[c] goes with channel c
+        when the bias is a parameter of the model that compact can cut (read by this call only)."""
+        arg, flow = self._input(n)
+        if flow is None:
+            return None
+        if flow.axis != 1 or not _cuttable(n.args[1] if len(n.args) > 1 else n.kwargs.get("bias")):
             return self._unknown(n, out)
         return self._same(flow, flow.const)
 
@@ -646,6 +732,21 @@ def _plain_conv(conv: nn.Module, keep_in, keep_out, input_values, scale) -> nn.M
     return plain
 
 
+def _plain_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """`layer` (a new torch.nn layer) on weight's device and dtype, holding weight and bias."""
+    layer = layer.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """nn.Linear computing x @ weight.T + bias, weight [out, in]."""
+    return _plain_weights(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), weight, bias)
+
+
 def _device(module: nn.Module) -> torch.device:
     tensor = next(iter(module.parameters()), None)
     tensor = tensor if tensor is not None else next(iter(module.buffers()), None)
@@ -756,6 +857,11 @@ class _Rewriter:
                 self.module_node(node, self.gm.get_submodule(node.target), *kept[node])
             elif node.op in ("call_method", "call_function") and node.target in (_SHAPE_METHODS | {torch.reshape}):
                 self.shape_node(node)
+            elif node.op == "call_function" and node.target is fused_leaky_relu:
+                self.cut_attribute(node.args[1] if len(node.args) > 1 else node.kwargs.get("bias"), self.keep(node))
+        for node in list(self.graph.nodes):  # e.g. the masks a modulated conv folded
+            if node.op == "get_attr" and not node.users:
+                self.graph.erase_node(node)
         self.graph.lint()
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
@@ -766,8 +872,9 @@ class _Rewriter:
         mask = getattr(module, "mask", None)
         scale = effective_mask_values(mask) if isinstance(mask, Mask) else None
         if isinstance(module, Mask):  # read directly by the model: its values, as a constant buffer
+            values = _index(effective_mask_values(module), 0, keep_out)
             with self.graph.inserting_before(node):
-                constant = self.graph.get_attr(self.add_buffer(node.target, effective_mask_values(module)))
+                constant = self.graph.get_attr(self.add_buffer(node.target, values))
             node.replace_all_uses_with(constant)
             self.graph.erase_node(node)
         elif isinstance(module, MaskedConvNormAct):
@@ -782,6 +889,76 @@ class _Rewriter:
             self.channel_mask_node(node, scale, keep_out)
         elif isinstance(module, nn.Linear):
             self.set_module(node.target, self.plain_linear(module, keep_in, keep_out, input_values))
+        elif isinstance(module, _zoo_leaves()):
+            self.modulated_conv_node(node, module, keep_in, keep_out)
+
+    def cut_attribute(self, node: fx.Node | None, keep) -> None:
+        """The per-channel tensor a get_attr node reads, cut to the kept channels in place (the
+        analysis pins the channels of any other per-channel argument)."""
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or keep is None:
+            return
+        owner_name, _, name = node.target.rpartition(".")
+        owner = self.gm.get_submodule(owner_name) if owner_name else self.gm
+        tensor = getattr(owner, name)
+        cut = tensor.detach().index_select(0, keep.to(tensor.device))
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, name, nn.Parameter(cut, requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(name, cut)
+
+    def modulated_conv_node(self, node: fx.Node, conv: nn.Module, keep_in, keep_out) -> None:
+        """StyleGAN2's modulated conv as plain layers, in the form of its unfused path:
+
+            style = modulation(w)                                # [N, C_in], times the input mask
+            out = conv(x * style) * rsqrt(demodulation(style^2) + eps)   # demodulation [C_out, C_in]
+
+        with demodulation's weight sum_k (scale * weight[o, i, k])^2, i.e. sum_{i, k} of the
+        modulated weight squared, of the kept channels only; the FIR blur of an up- or downsampling
+        conv as gansparse's upfirdn2d."""
+        if conv.modulation.activation:
+            raise NotImplementedError(f"export: modulated conv '{node.target}' has an activation on its style")
+        weight = _index(_index(conv.scale * conv.weight[0].detach(), 1, keep_in), 0, keep_out)  # [C_out, C_in, k, k]
+        c_out, c_in = weight.shape[:2]
+        modulation = conv.modulation
+        style_weight = modulation.weight.detach() * modulation.scale  # [C_in, style_dim]
+        style_bias = modulation.bias.detach() * modulation.lr_mul
+        input_mask = self.analysis.style_scales.get(node)
+        if input_mask is not None:
+            input_mask = input_mask.to(style_weight)
+            style_weight, style_bias = style_weight * input_mask[:, None], style_bias * input_mask
+        container = nn.Module()
+        container.modulation = _linear(_index(style_weight, 0, keep_in), _index(style_bias, 0, keep_in))
+        if conv.upsample:
+            container.conv = _plain_weights(nn.ConvTranspose2d(c_in, c_out, conv.kernel_size, stride=2, bias=False),
+                                            weight.transpose(0, 1))
+        else:
+            stride, padding = (2, 0) if conv.downsample else (1, conv.padding)
+            container.conv = _plain_weights(nn.Conv2d(c_in, c_out, conv.kernel_size, stride, padding, bias=False),
+                                            weight)
+        if conv.demodulate:
+            container.demodulation = _linear(weight.square().sum([2, 3]), None)
+        if conv.upsample or conv.downsample:
+            container.register_buffer("blur_kernel", conv.blur.kernel.detach().clone())
+        self.set_module(node.target, container)
+        target, x, style = node.target, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["style"]
+
+        def blur(h):
+            kernel = self.graph.get_attr(f"{target}.blur_kernel")
+            return self.graph.call_function(upfirdn2d, (h, kernel), {"pad": tuple(conv.blur.pad)})
+
+        with self.graph.inserting_before(node):
+            style = self.graph.call_module(f"{target}.modulation", (style,))
+            h = self.graph.call_function(operator.mul, (x, self.graph.call_method("view", (style, -1, c_in, 1, 1))))
+            h = self.graph.call_module(f"{target}.conv", (blur(h) if conv.downsample else h,))
+            h = blur(h) if conv.upsample else h
+            if conv.demodulate:
+                power = self.graph.call_module(f"{target}.demodulation", (self.graph.call_method("square", (style,)),))
+                demodulation = self.graph.call_function(torch.rsqrt, (self.graph.call_function(
+                    operator.add, (power, conv.eps)),))
+                h = self.graph.call_function(operator.mul, (h, self.graph.call_method(
+                    "view", (demodulation, -1, c_out, 1, 1))))
+        node.replace_all_uses_with(h)
+        self.graph.erase_node(node)
 
     def channel_mask_node(self, node: fx.Node, scale, keep) -> None:
         """The mask alone: folded into the conv right before it when that conv feeds only the mask
@@ -818,15 +995,7 @@ class _Rewriter:
             constants[keep_in.to(constants.device)] = 0
             if bool((constants != 0).any()):
                 bias = weight @ constants + (bias if bias is not None else 0)
-        weight = _index(_index(weight, 1, keep_in), 0, keep_out)
-        bias = _index(bias, 0, keep_out)
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                          dtype=weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if bias is not None:
-                plain.bias.copy_(bias)
-        return plain
+        return _linear(_index(_index(weight, 1, keep_in), 0, keep_out), _index(bias, 0, keep_out))
 
     def conv_norm_act_node(self, node, module: MaskedConvNormAct, keep_in, keep_out, input_values, scale):
         norm_scale = scale if module.norm is not None else None
@@ -883,6 +1052,20 @@ def _out_features(module: nn.Module) -> int:
     return module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
 
 
+def _exportable(model: nn.Module) -> nn.Module:
+    """What compact traces: model.exportable() when the model has that method (a module computing
+    the model's function with a forward torch.fx can trace, e.g. StyleGAN2's generator without its
+    random style mixing), else the model itself."""
+    provider = getattr(model, "exportable", None)
+    if not callable(provider):
+        return model
+    exportable = provider()
+    if not isinstance(exportable, nn.Module):
+        raise TypeError(f"{type(model).__name__}.exportable() must return an nn.Module, got "
+                        f"{type(exportable).__name__}")
+    return exportable
+
+
 def _example_inputs(model: nn.Module, example_inputs: tuple) -> tuple:
     if example_inputs:
         return example_inputs
@@ -901,12 +1084,16 @@ def compact(model: nn.Module, *example_inputs) -> fx.GraphModule:
 
     example_inputs: inputs the model's forward accepts, used to run it once (the values of constant
     channels, the shapes); default `model.example_inputs()` when the model has that method.
+    A model with a method `exportable()` is compacted as the module that method returns (e.g.
+    StyleGAN2's Generator as its FixedNoiseGenerator, z -> image); example_inputs and the compact
+    model's inputs are then that module's.
     The result computes what pruned_reference(model) computes (see the module docstring for what
     is removed, and check_equivalence to test it). Raises ValueError when the model cannot be
     traced by torch.fx, NotImplementedError for a gansparse module type it does not convert.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = _exportable(model)
     example_inputs = _example_inputs(model, example_inputs)
     working = pruned_reference(model)
     gm = _trace(working)
@@ -921,21 +1108,30 @@ def compact(model: nn.Module, *example_inputs) -> fx.GraphModule:
 # --- save / load ---------------------------------------------------------------------------------
 
 _FUNCTION_NAMESPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator}
+# gansparse's own ops a compact model may call (StyleGAN2's resampling filters and bias + activation).
+_GANSPARSE_FUNCTIONS = {"gansparse.functional.upfirdn2d": upfirdn2d,
+                        "gansparse.functional.fused_leaky_relu": fused_leaky_relu}
 
 
 def _function_name(fn) -> str:
     if fn is builtins.getattr:
         return "builtins.getattr"
+    for name, function in _GANSPARSE_FUNCTIONS.items():
+        if fn is function:
+            return name
     for prefix, namespace in _FUNCTION_NAMESPACES.items():
         name = getattr(fn, "__name__", None)
         if name and getattr(namespace, name, None) is fn:
             return f"{prefix}.{name}"
-    raise ValueError(f"save: the graph calls {fn!r}, which is not a function of torch, torch.nn.functional or operator")
+    raise ValueError(f"save: the graph calls {fn!r}, which is not a function of torch, torch.nn.functional or "
+                     f"operator, nor one of {', '.join(_GANSPARSE_FUNCTIONS)}")
 
 
 def _function(name: str):
     if name == "builtins.getattr":
         return builtins.getattr
+    if name in _GANSPARSE_FUNCTIONS:
+        return _GANSPARSE_FUNCTIONS[name]
     prefix, _, attr = name.rpartition(".")
     namespace = _FUNCTION_NAMESPACES.get(prefix)
     fn = getattr(namespace, attr, None) if namespace is not None and not attr.startswith("_") else None

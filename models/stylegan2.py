@@ -41,13 +41,15 @@ from torch import nn
 from gansparse.functional import fused_leaky_relu, upfirdn2d
 from gansparse.masks import as_mask
 
+from .pix2pix import _example_image
+
 # torch.fx (gansparse.export traces with it) records gansparse's ops as calls instead of tracing
 # into their argument checks.
 torch.fx.wrap("fused_leaky_relu")
 torch.fx.wrap("upfirdn2d")
 
 __all__ = ["Blur", "ConstantInput", "ConvLayer", "Discriminator", "Downsample", "EqualConv2d", "EqualLinear",
-           "FusedLeakyReLU", "Generator", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock",
+           "FixedNoiseGenerator", "FusedLeakyReLU", "Generator", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock",
            "StyledConv", "ToRGB", "Upsample", "channel_widths", "load_rosinality_checkpoint", "make_kernel"]
 
 
@@ -395,6 +397,15 @@ class Generator(nn.Module):
             in_channel = out_channel
         self.n_latent = self.log_size * 2 - 2
 
+    def example_inputs(self) -> tuple[list[torch.Tensor]]:
+        """forward's inputs for one image: ([z [1, style_dim]],)."""
+        return ([_example_image(self, self.style_dim, 1).view(1, -1)],)
+
+    def exportable(self) -> FixedNoiseGenerator:
+        """What gansparse.export.compact(generator) traces: z -> image with the noise buffers, a
+        deterministic forward torch.fx can trace (forward's style mixing draws a random index)."""
+        return FixedNoiseGenerator(self)
+
     def make_noise(self) -> list[torch.Tensor]:
         device = self.input.input.device
         return [torch.randn(1, 1, 2 ** (2 + (i + 1) // 2), 2 ** (2 + (i + 1) // 2), device=device)
@@ -451,6 +462,24 @@ class Generator(nn.Module):
         return skip
 
 
+class FixedNoiseGenerator(nn.Module):
+    """generator([z], randomize_noise=False)[0]: the image [N, 3, size, size] of z [N, style_dim]
+    with the generator's noise buffers, no style mixing and no truncation."""
+
+    def __init__(self, generator: Generator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        latent = g.style(z).unsqueeze(1).repeat(1, g.n_latent, 1)  # [N, n_latent, style_dim]
+        return g.synthesize(latent, [getattr(g.noises, f"noise_{i}") for i in range(g.num_layers)])
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """z [1, style_dim]."""
+        return (_example_image(self, self.generator.style_dim, 1).view(1, -1),)
+
+
 def _values(mask) -> torch.Tensor | None:
     return None if mask is None else mask()
 
@@ -500,6 +529,7 @@ class Discriminator(nn.Module):
         """channels: as Generator's."""
         super().__init__()
         log_size = _log2_size(size)
+        self.size = size
         channels = _widths(channel_multiplier, channels, size)
         convs = [ConvLayer(3, channels[size], 1)]
         in_channel = channels[size]
@@ -516,17 +546,29 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.convs(x)
-        batch, channel, height, width = out.shape
-        group = min(batch, self.stddev_group)
-        if batch % group:
-            raise ValueError(f"the batch ({batch}) must be a multiple of the stddev group ({group})")
-        # The standard deviation over groups of samples, averaged over features and pixels.
-        stddev = out.view(group, -1, self.stddev_feat, channel // self.stddev_feat, height, width)
-        stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
-        stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)
-        stddev = stddev.repeat(group, 1, height, width)
-        out = self.final_conv(torch.cat([out, stddev], 1))
-        return self.final_linear(out.view(batch, -1))
+        out = self.final_conv(torch.cat([out, _minibatch_stddev(out, self.stddev_group, self.stddev_feat)], 1))
+        return self.final_linear(out.flatten(1))
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """One image [1, 3, size, size]."""
+        return (_example_image(self, 3, self.size),)
+
+
+def _minibatch_stddev(out: torch.Tensor, group_size: int, features: int) -> torch.Tensor:
+    """[N, features, H, W]: the standard deviation of out [N, C, H, W] over groups of min(N,
+    group_size) samples, averaged over the channels of each of `features` slices and over pixels.
+    (A call torch.fx records as one node: its sizes depend on the batch.)"""
+    batch, channel, height, width = out.shape
+    group = min(batch, group_size)
+    if batch % group:
+        raise ValueError(f"the batch ({batch}) must be a multiple of the stddev group ({group})")
+    stddev = out.view(group, -1, features, channel // features, height, width)
+    stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
+    stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)
+    return stddev.repeat(group, 1, height, width)
+
+
+torch.fx.wrap("_minibatch_stddev")
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

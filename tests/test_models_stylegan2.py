@@ -11,7 +11,7 @@ from torch import nn
 import _reference_stylegan2 as reference
 import gansparse
 from gansparse import export
-from gansparse.masks import HardMask
+from gansparse.masks import HardMask, Mask
 from gansparse.models import load_rosinality_checkpoint, stylegan2
 
 # The reference's widths start at 512; narrow ones keep the tests fast (same layout, fewer channels).
@@ -20,11 +20,17 @@ SMALL_G = dict(size=32, style_dim=16, n_mlp=2, channels=NARROW)
 
 
 def _randomise(model):
-    """Non-trivial values everywhere (biases and noise weights start at 0 in both)."""
+    """Non-trivial values everywhere (biases and noise weights start at 0 in both); masks untouched."""
+    masks = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Mask))
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if t.is_floating_point() and not name.endswith("kernel"):
+            if t.is_floating_point() and not name.endswith("kernel") and not name.startswith(masks):
                 t.copy_(torch.randn_like(t) * (0.3 if name.endswith(("bias", "noise.weight")) else 1.0))
+
+
+def _randomised(model):
+    _randomise(model)
+    return model
 
 
 def _pair(**kwargs):
@@ -311,28 +317,89 @@ def test_unfused_modulated_conv_computes_the_fused_one(sampling, demodulate):
 # --- export ---------------------------------------------------------------------------------------
 
 
-class _ImageOfZ(nn.Module):
-    """z -> image with the noise buffers: the generator without style mixing, whose random
-    injection point and input-dependent branches torch.fx cannot trace."""
-
-    def __init__(self, g):
-        super().__init__()
-        self.g = g
-
-    def forward(self, z):
-        latent = self.g.style(z).unsqueeze(1).repeat(1, self.g.n_latent, 1)
-        return self.g.synthesize(latent, [getattr(self.g.noises, f"noise_{i}") for i in range(self.g.num_layers)])
-
-
-@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
-def test_export_of_masked_generator_matches_it(sparsity):
-    g = stylegan2.Generator(16, 16, 2, channels={4: 8, 8: 8, 16: 6}, mask="hard").eval()
-    _randomise(g)
+def _random_masks_(g, sparsity: float, kind: str = "hard"):
+    """Every StyledConv drops round(sparsity * C) random channels; with kind 'sigmoid' the kept ones
+    get values in (0, 1), which export folds into the layers."""
+    generator = torch.Generator().manual_seed(int(sparsity * 100))
     for conv in _styled_convs(g):
-        values = (torch.rand(conv.mask.channels) >= sparsity).float()
-        values[0] = 1
-        conv.mask = HardMask(conv.mask.channels, values)
-    model, z = _ImageOfZ(g), torch.randn(2, 16)
-    compact = export.compact(model, z)
-    assert export.check_equivalence(model, compact, z) <= 1e-5
-    torch.testing.assert_close(compact(z), g([z], randomize_noise=False)[0], rtol=0, atol=1e-5)
+        channels = conv.mask.channels
+        drop = torch.randperm(channels, generator=generator)[:round(sparsity * channels)]
+        with torch.no_grad():
+            if kind == "sigmoid":
+                conv.mask.logits.copy_(torch.randn(channels, generator=generator) * 0.3)
+                conv.mask.logits[drop] = -5.0
+            else:
+                values = torch.ones(channels)
+                values[drop] = 0
+                conv.mask = HardMask(channels, values)
+    return g
+
+
+@pytest.mark.parametrize("sparsity, kind", [(0.25, "hard"), (0.5, "hard"), (0.75, "hard"), (0.5, "sigmoid")])
+def test_export_removes_the_masked_channels_and_matches_the_masked_generator(sparsity, kind, tmp_path):
+    g = _random_masks_(_randomised(stylegan2.Generator(**SMALL_G, mask=kind)), sparsity, kind)
+    compact = export.compact(g)  # traces g.exportable() on g.example_inputs()'s z
+    z = torch.randn(3, 16)
+    assert export.check_equivalence(g.exportable(), compact, z) <= 1e-5
+    if kind == "hard":  # binary masks: the compact model is the generator itself
+        with torch.no_grad():
+            torch.testing.assert_close(compact(z), g([z], randomize_noise=False)[0], rtol=0, atol=1e-5)
+    # Each StyledConv keeps the channels its mask keeps: its conv's outputs, the next conv's and
+    # the ToRGB's inputs (with their modulation rows), its noise-free bias.
+    kept_in = NARROW[4]  # conv1 reads the constant input, which has no mask
+    for name, conv in zip(["conv1"] + [f"convs.{i}" for i in range(len(g.convs))], _styled_convs(g)):
+        kept = int(conv.mask.keep().sum())
+        plain = compact.get_submodule(f"generator.{name}.conv")
+        assert (plain.conv.in_channels, plain.conv.out_channels, plain.modulation.out_features) == (
+            kept_in, kept, kept_in)
+        assert compact.get_submodule(f"generator.{name}.activate").bias.numel() == kept
+        kept_in = kept
+    for j, to_rgb in enumerate(g.to_rgbs):
+        kept = int(g.convs[2 * j + 1].mask.keep().sum())
+        assert compact.get_submodule(f"generator.to_rgbs.{j}.conv.modulation").out_features == kept
+    assert not any(isinstance(m, (stylegan2.ModulatedConv2d, HardMask)) for m in compact.modules())
+    # Fewer parameters and MACs than the same generator exported without masks.
+    dense = export.compact(stylegan2.Generator(**SMALL_G))
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert gansparse.profile(compact, z)["macs"] < gansparse.profile(dense, z)["macs"]
+    # Saved and loaded with torch and gansparse's own ops only.
+    path = tmp_path / "g.safetensors"
+    export.save(compact, path)
+    with torch.no_grad():
+        assert torch.equal(export.load(path)(z), compact(z))
+
+
+@pytest.mark.parametrize("upsample, demodulate", [(False, True), (True, True), (False, False)])
+def test_export_of_a_modulated_conv_folds_its_input_mask(upsample, demodulate):
+    """A modulated conv alone, input channels masked: they leave the conv, the modulation's rows and
+    the demodulation; with demodulation, a zero input channel that is not masked stays in (it
+    still counts in the demodulation)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask = HardMask(6, torch.tensor([1.0, 0, 1, 1, 0, 1]))
+            self.zero = HardMask(6, torch.tensor([1.0, 1, 1, 0, 1, 1]))  # channel 3 is 0, not masked
+            self.pre = nn.Conv2d(3, 6, 1)
+            self.conv = stylegan2.ModulatedConv2d(6, 4, 3, 8, demodulate=demodulate, upsample=upsample)
+
+        def forward(self, x, w):
+            x = self.pre(x) * self.zero().view(1, -1, 1, 1) * self.mask().view(1, -1, 1, 1)
+            return self.conv(x, w, self.mask())
+
+    model, x, w = _randomised(Net()), torch.randn(2, 3, 8, 8), torch.randn(2, 8)
+    compact = export.compact(model, x, w)
+    assert export.check_equivalence(model, compact, x, w) <= 1e-5
+    kept = 4 if demodulate else 3
+    conv = compact.get_submodule("conv")
+    assert conv.modulation.out_features == conv.conv.in_channels == kept
+    assert conv.conv.out_channels == 4 and compact.pre.out_channels == kept
+    assert hasattr(conv, "demodulation") == demodulate and (not demodulate or conv.demodulation.in_features == kept)
+
+
+def test_export_of_the_discriminator_without_inputs():
+    d = stylegan2.Discriminator(32, channels=NARROW)
+    compact = export.compact(d)
+    (image,) = d.example_inputs()
+    assert image.shape == (1, 3, 32, 32)
+    assert export.check_equivalence(d, compact, torch.randn(4, 3, 32, 32)) <= 1e-5
