@@ -243,9 +243,14 @@ class NLayerDiscriminator(nn.Module):
                        norm_layer(norm, ndf * mult), nn.LeakyReLU(0.2, True)]
         layers.append(MaskedConv2d(ndf * mult, 1, 4, stride=1, padding=1))
         self.model = nn.Sequential(*layers)
+        self.n_layers = n_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """A small input (batch 1, 2**(n_layers + 2) square: a 2x2 patch map) for tracing."""
+        return (_example_image(self, self.model[0].in_channels, 2 ** (self.n_layers + 2)),)
 
 
 class PixelDiscriminator(nn.Module):
@@ -262,6 +267,10 @@ class PixelDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """A small input (batch 1, 32x32) for tracing."""
+        return (_example_image(self, self.net[0].in_channels, 32),)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
