@@ -71,6 +71,20 @@ def test_pix2pix_is_evaluated_against_the_ground_truth(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["metrics"] == report["metrics"]
 
 
+def test_sample_grids_leave_the_training_unchanged(tmp_path):
+    # pix2pix samples in training mode (batch statistics, dropout): the grids must move neither the
+    # RNG streams nor the batch norms' running statistics.
+    options = dict(netG="unet_32", steps=3, checkpoint_every=3)
+    loop.run(Dense, tiny_config(tmp_path / "quiet", "smoke_pix2pix", **options))
+    loop.run(Dense, tiny_config(tmp_path / "sampled", "smoke_pix2pix", sample_every=1, **options))
+    quiet, sampled = final_tensors(tmp_path / "quiet"), final_tensors(tmp_path / "sampled")
+    assert any("running_mean" in key for key in quiet)
+    assert quiet.keys() == sampled.keys()
+    for key in quiet:
+        assert torch.equal(quiet[key], sampled[key]), key
+    assert len(list((tmp_path / "sampled" / "samples").glob("*.png"))) == 3
+
+
 def test_the_ema_follows_its_recursion(tmp_path):
     decay = 0.75
     loop.run(Dense, tiny_config(tmp_path, steps=3, ema=decay, checkpoint_every=1, keep_checkpoints=3,

@@ -16,6 +16,7 @@ restored, so a run killed and resumed logs the same numbers as an uninterrupted 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import shutil
@@ -391,16 +392,29 @@ def _gather_rng_states(context: distributed.Context) -> list[dict]:
 # --- samples, export and evaluation ----------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _side_effect_free(method):
+    """Run the method's networks without moving the training's RNG streams (dropout, noise inputs)
+    or the networks' buffers (a batch norm in training mode updates its running statistics), so a
+    run that samples or evaluates at other steps, or resumes, trains the same."""
+    devices = [method.device] if method.device.type == "cuda" else []
+    buffers = [(buffer, buffer.clone()) for net in method.nets.values() for buffer in net.buffers()]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+
 @torch.no_grad()
 def _sample_grid(method, batch: dict) -> tuple[torch.Tensor, int]:
     """(images [N * columns, C, H, W] in [-1, 1], columns): per sample, its input (if any), the
     student's output, the teacher's (if any) on the same input and draws, and the target (paired
     data)."""
-    # Sampling must not move the training RNG streams (dropout, noise inputs), or a run that
-    # samples at other steps, or resumes, would train differently. Its own draws (e.g. latents)
-    # are the same at every step, so the grids show the training's progress.
-    devices = [method.device] if method.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    # Its own draws (e.g. latents) are the same at every step, so the grids show the progress.
+    with _side_effect_free(method):
         torch.manual_seed(0)
         batch = method.prepare(batch)
         columns = [batch["A"]] if "A" in batch else []
@@ -456,8 +470,7 @@ def evaluate(method, cfg: dict, log: _Log) -> dict:
                        real_key="B" if "B" in batches[0] else "image", lpips=cfg["eval_lpips"],
                        fidelity=cfg["eval_fidelity"])
         run_teacher = (lambda batch: method.generate(batch, teacher)) if teacher is not None else None
-        devices = [method.device] if method.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # evaluation must not move the RNG a resumed run restores
+        with _side_effect_free(method):
             torch.manual_seed(cfg["seed"])
             batches = [method.prepare(batch) for batch in batches]  # student and teacher get the same draws
             report["metrics"] = metrics.evaluate_generator(method.generate, batches, teacher=run_teacher, **options)
