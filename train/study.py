@@ -184,11 +184,13 @@ def _report_quality(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
 
 @torch.inference_mode()
 def _teacher_against_itself(method, cfg: dict) -> dict[str, float]:
-    """The teacher's outputs on the test split (the items a run evaluates on) compared with
-    themselves by the measures the runs' evaluation uses."""
+    """The teacher's outputs on the test split (the items, and random draws, a run evaluates on)
+    compared with themselves by the measures the runs' evaluation uses."""
     dataset = build_dataset(cfg, method.data_kind, "test")
     batch = default_collate([dataset[i] for i in range(min(cfg["eval_size"], len(dataset)))])
-    outputs = method.teacher()(batch["A"])
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg["seed"])
+        outputs = method.generate(method.prepare(batch), method.teacher())
     same = lambda _: outputs  # noqa: E731
     return metrics.evaluate_generator(same, [batch], teacher=same, lpips=cfg["eval_lpips"], fidelity=False)
 
