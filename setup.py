@@ -75,7 +75,8 @@ setup(
               "gansparse.train.methods"],
     package_dir={"gansparse": "gansparse", "gansparse.kernels": "kernels", "gansparse.models": "models",
                  "gansparse.train": "train", "gansparse.train.methods": "train/methods"},
-    entry_points={"console_scripts": ["gansparse-train = gansparse.train.run:main"]},
+    entry_points={"console_scripts": ["gansparse-train = gansparse.train.run:main",
+                                     "gansparse-study = gansparse.train.study:main"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
