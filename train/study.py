@@ -184,8 +184,8 @@ def _report_quality(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
 
 @torch.inference_mode()
 def _teacher_against_itself(method, cfg: dict) -> dict[str, float]:
-    """The teacher's outputs on the test split (the items, and random draws, a run evaluates on)
-    compared with themselves by the measures the runs' evaluation uses."""
+    """The teacher's outputs on the test split (the items a run evaluates on) compared with
+    themselves by the measures the runs' evaluation uses."""
     dataset = build_dataset(cfg, method.data_kind, "test")
     batch = default_collate([dataset[i] for i in range(min(cfg["eval_size"], len(dataset)))])
     with torch.random.fork_rng():
