@@ -50,6 +50,18 @@ class Dense(Method):
         # cityscapes labels -> photo (BtoA of the reference's photo|label pairs): 2975 pairs,
         # 100 + 100 epochs at batch 1.
         "cityscapes": dict(_PIX2PIX, batch_size=1, steps=595_000, direction="BtoA"),
+        # Tiny BigGAN on the synthetic class-conditional set at 32x32 (PPCD-GAN's smoke teacher).
+        "smoke_biggan": dict(model="biggan", biggan_config="biggan", G_ch=8, D_ch=4, dim_z=16, shared_dim=8,
+                             G_attn="16", D_attn="16", crop_size=32, load_size=32, preprocess="none", steps=300,
+                             batch_size=8, lr=2e-4, beta1=0.0, lr_policy="constant", log_every=10, sample_every=100,
+                             checkpoint_every=100, eval_size=32),
+        # BigGAN on ImageNet at 128x128 (BigGAN-PyTorch's launch_BigGAN_bs256x8.sh: batch 256 x 8
+        # accumulations, 150k iterations, EMA of G); the data path is the user's --dataroot.
+        "imagenet128": dict(model="biggan", biggan_config="biggan", G_ch=96, D_ch=96, dim_z=120, shared_dim=128,
+                            G_attn="64", D_attn="64", crop_size=128, load_size=128, num_classes=1000,
+                            batch_size=2048, accumulation=8, steps=150_000, lr=1e-4, beta1=0.0, beta2=0.999,
+                            lr_policy="constant", ema=0.9999, checkpoint_every=2000, sample_every=2000,
+                            log_every=100),
     }
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
