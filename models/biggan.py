@@ -589,6 +589,11 @@ class Generator(nn.Module):
                 h = block(h, y_block)
         return torch.tanh(self.output_layer(h))
 
+    def exportable(self) -> nn.Module:
+        """exportable(G): the eval-mode copy of torch and gansparse layers that
+        gansparse.export.compact(G) traces in G's place."""
+        return exportable(self)
+
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(z [1, dim_z], y) of class 0 for tracing, e.g. by gansparse.export.compact; y as forward
         takes it once traced: G.shared(class ids) with G_shared, else the class ids."""
