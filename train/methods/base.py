@@ -17,6 +17,7 @@ toggles requires_grad), so a G loss that runs D does not build D's weight gradie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -105,6 +106,11 @@ class Method:
         """Outputs of `net` (default: the student; e.g. the teacher) on a data batch, images in
         [-1, 1], for sample grids and metrics."""
         raise NotImplementedError
+
+    def report_extras(self, run_dir: Path) -> dict:
+        """The method's own entries of the report (and files it writes into run_dir), computed at
+        the end, after the evaluation, in the main process only."""
+        return {}
 
     def final_model(self) -> nn.Module:
         """The model to export at the end (compact for a compression method)."""
