@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from gansparse import MaskedConv2d, MaskedConvTranspose2d
 
-from .pix2pix import _check_options, norm_layer
+from .pix2pix import _check_options, _example_image, norm_layer
 
 __all__ = ["Discriminator", "Generator", "check_latent", "check_positive_ints"]
 
@@ -56,6 +56,10 @@ class Generator(nn.Module):
         check_latent(z, (self.nz, 1, 1), (self.nz,))
         return self.main(z.reshape(-1, self.nz, 1, 1))  # [N, nc, 64, 64]
 
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """z [1, nz, 1, 1], e.g. for gansparse.export.compact."""
+        return (_example_image(self, self.nz, 1),)
+
 
 class Discriminator(nn.Module):
     def __init__(self, nc: int = 3, ndf: int = 64) -> None:
@@ -71,3 +75,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x).view(-1, 1).squeeze(1)  # [N, 1, 1, 1] -> [N]
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """One image [1, nc, 64, 64]."""
+        return (_example_image(self, self.main[0].in_channels, 64),)

@@ -14,6 +14,15 @@ then 1x1 conv), a downsampling block, two plain blocks (pre-activation ReLU, sho
 where it downsamples), ReLU, a sum over space and a linear layer to one logit; every conv and the
 linear layer spectrally normalised (torch.nn.utils.spectral_norm: keys weight_orig, weight_u,
 weight_v), as the reference with d_spectral_norm.
+
+MACs (gansparse.profile, torchprofile's convention): 1.68G for the generator at 32px. Table 3 of the
+content-aware paper lists 1.60B FLOPs for it, a figure no counting convention of this architecture
+gives (without the shortcut 1x1 convs: 1.59G; without batch norms, the linear layer or the last
+conv: 1.68G), while the same table's compressed generators are reproduced exactly by this count
+at uniform widths: ch 180 gives its 2.23M parameters and 0.83B, ch 128 its 1.20M and 0.42B, and
+its text's "2x" and "4x" accelerations are 1.68 / 0.83 and 1.68 / 0.42. Its released code
+(lychenyoko/content-aware-gan-compression) has no SN-GAN, and the paper takes GAN-Slimming's
+SN-GAN rows from that paper; 1.60B most likely comes from there, counted another way.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from torch import nn
 from gansparse import MaskedConv2d
 
 from .dcgan import check_latent, check_positive_ints
-from .pix2pix import _check_options, norm_layer
+from .pix2pix import _check_options, _example_image, norm_layer
 
 __all__ = ["DisBlock", "Discriminator", "GenBlock", "Generator", "OptimizedDisBlock"]
 
@@ -70,6 +79,10 @@ class Generator(nn.Module):
         h = self.l1(z).view(-1, self.ch, self.bottom_width, self.bottom_width)  # [N, ch, 4, 4]
         h = self.block4(self.block3(self.block2(h)))  # [N, ch, 32, 32]
         return torch.tanh(self.c5(F.relu(self.b5(h))))
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """z [1, z_dim], e.g. for gansparse.export.compact."""
+        return (_example_image(self, self.z_dim, 1).view(1, -1),)
 
 
 def _sn(module: nn.Module, enabled: bool) -> nn.Module:
@@ -126,3 +139,7 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block4(self.block3(self.block2(self.block1(x))))
         return self.l5(F.relu(h).sum(2).sum(2))  # [N, ch] -> [N, 1]
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """One image [1, in_channels, 32, 32] (CIFAR-10's size)."""
+        return (_example_image(self, self.block1.c1.in_channels, 32),)
