@@ -252,7 +252,7 @@ class _Trainer:
         if cfg["export"]:
             _export(method, self.run_dir, self.log)
         report = evaluate(method, cfg, self.log)
-        report.update(method.report_extras(self.run_dir))
+        method.extend_report(report, self.run_dir)
         report.update(method=cfg["method"], preset=cfg["preset"], steps=self.global_step, run_dir=str(self.run_dir))
         write_report(self.run_dir, report, self.history, self.sparsity_history)
         self.log(f"report: {self.run_dir / 'report.md'}")

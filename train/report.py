@@ -131,11 +131,14 @@ def _markdown(report: dict, figures: list[tuple[str, str]], sparsity_history: di
     lines += ["## Size and speed", "",
               "CPU latency: median of forward passes at batch 1, 2 threads, at the training resolution.", ""]
     models = [("teacher", teacher), ("student", student)] if teacher is not None else [("student", student)]
-    rows = [[name, _human(entry["params"]), _human(entry["macs"]), _number(entry["cpu_latency_ms"])]
+    # A method may add the CPU time of a larger batch, as 'cpu_s_per_batch_<N>' (e.g. PPCD-GAN's 64).
+    keys = list(_COST_KEYS) + sorted(key for key in student if key.startswith("cpu_s_per_batch_"))
+    rows = [[name, _human(entry["params"]), _human(entry["macs"])] + [_number(entry.get(key)) for key in keys[2:]]
             for name, entry in models]
     if teacher is not None:
-        rows.append(["teacher / student"] + [_ratio(teacher[key], student[key]) for key in _COST_KEYS])
-    lines += _table(["model", "params", "MACs", "CPU latency (ms)"], rows) + [""]
+        rows.append(["teacher / student"] + [_ratio(teacher.get(key), student[key]) for key in keys])
+    batches = [f"CPU s / batch of {key.rpartition('_')[2]}" for key in keys[3:]]
+    lines += _table(["model", "params", "MACs", "CPU latency (ms)", *batches], rows) + [""]
 
     quality = {"student": report.get("metrics") or student.get("metrics") or {}}
     if teacher is not None and teacher.get("metrics"):

@@ -107,10 +107,9 @@ class Method:
         [-1, 1], for sample grids and metrics."""
         raise NotImplementedError
 
-    def report_extras(self, run_dir: Path) -> dict:
-        """The method's own entries of the report (and files it writes into run_dir), computed at
+    def extend_report(self, report: dict, run_dir: Path) -> None:
+        """Add the method's own measurements to the report in place (and files into run_dir), at
         the end, after the evaluation, in the main process only."""
-        return {}
 
     def final_model(self) -> nn.Module:
         """The model to export at the end (compact for a compression method)."""
