@@ -35,8 +35,11 @@ mask is binarised (the smoke preset). The masks train at mask_lr (0: lr).
 
 Result: final_model() is gansparse.export.compact of the student with every mask binarised (those
 that never reached the ratio by the pivot rule): the masked channels and the mask layers are gone.
-The report adds, as Table 1 does, the CPU time of teacher and student per batch of `latency_batch`
-images (64), and class-conditional sample grids (one row per class) of both in samples/.
+The report adds Table 1's other measures: the CPU time of teacher and student per batch of
+`latency_batch` images (64), and their LPIPS diversity (mean LPIPS between images of one class,
+averaged over the classes) when the backbone weights are there; IS and FID come from the loop's
+evaluation (torch-fidelity, with the Inception weights). Class-conditional sample grids of both
+(one row per class, one latent per column) go to samples/classes_{teacher,student}.png.
 
 Schedule (Sec. 4.2): Adam, 100 epochs with the learning rate divided by 10 at epochs 30, 60 and 90,
 batch 128 with 2 gradient accumulations (256). The paper's initial learning rate reads 0.1, which
@@ -46,6 +49,7 @@ no Adam-trained SA-GAN survives; the imagenet128 preset takes BigGAN-PyTorch's 1
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +57,7 @@ from torch import nn
 from gansparse import export
 from gansparse.functional import attention_distill_loss
 from gansparse.masks import SigmoidMask, binarize_masks_, mask_losses, named_masks
-from gansparse.metrics import cpu_latency_ms
+from gansparse.metrics import cpu_latency_ms, lpips_distance
 from gansparse.models import biggan
 
 from ..distill import FeatureTaps
@@ -64,7 +68,7 @@ from . import register
 from .dense import Dense
 
 __all__ = ["PPCD", "ClassAwareTaps", "block_output_readers", "class_aware_distill_loss", "class_grid",
-           "parse_blocks"]
+           "lpips_diversity", "parse_blocks"]
 
 # ImageNet: 1,281,167 training images; an epoch is 5005 steps of 256.
 _IMAGENET_EPOCH = 1_281_167 // 256 + 1
@@ -196,27 +200,35 @@ class PPCD(Dense):
         student = binarize_masks_(copy.deepcopy(self.nets["G"])).cpu()
         return export.compact(biggan.exportable(student), *(x.cpu() for x in self.example_inputs(1)))
 
-    def report_extras(self, run_dir) -> dict:
-        """Table 1's CPU time per batch of latency_batch images, teacher and student (final
-        model), and the class-conditional sample grids in samples/classes_{teacher,student}.png."""
+    def extend_report(self, report: dict, run_dir: Path) -> None:
+        """Table 1's measures beside the loop's: the CPU time in seconds of teacher and student (the
+        final model) per batch of latency_batch images ('cpu_s_per_batch_64' in both entries), the
+        LPIPS diversity of each (with cfg eval and eval_lpips, when the backbone weights are
+        there), and class-conditional sample grids of both (samples/classes_{teacher,student}.png)."""
         cfg = self.cfg
-        student, teacher = self.final_model(), copy.deepcopy(self.nets["G_T"]).cpu()
-        extras = {}
+        nets = {"teacher": copy.deepcopy(self.nets["G_T"]).cpu().eval(), "student": self.final_model()}
         if cfg["latency_batch"] > 0:
+            key = f"cpu_s_per_batch_{cfg['latency_batch']}"
             inputs = tuple(x.cpu() for x in self.objective.example_inputs(cfg["latency_batch"]))
-            extras[f"cpu_seconds_per_batch_{cfg['latency_batch']}"] = {
-                name: cpu_latency_ms(net, *inputs, threads=cfg["latency_threads"], warmup=1, repeats=3) / 1000
-                for name, net in (("teacher", teacher), ("student", student))}
+            for name, net in nets.items():
+                report[name][key] = cpu_latency_ms(net, *inputs, threads=cfg["latency_threads"], warmup=1,
+                                                   repeats=3) / 1000
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg["seed"])
             z = torch.randn(8, self.objective.dim_z)
-            for name, net in (("teacher", teacher), ("student", student)):
+            report["class_grids"] = {}
+            for name, net in nets.items():
                 path = run_dir / "samples" / f"classes_{name}.png"
                 path.parent.mkdir(exist_ok=True)
                 save_image_grid(class_grid(net, z, self.objective.n_classes), path, nrow=len(z))
-                extras[f"class_grid_{name}"] = str(path)
-        return extras
+                report["class_grids"][name] = str(path)
+            if cfg["eval"] and cfg["eval_lpips"]:
+                for name, net in nets.items():
+                    diversity = lpips_diversity(net, self.objective.dim_z, self.objective.n_classes, cfg["eval_size"])
+                    metrics = report["metrics"] if name == "student" else report[name].setdefault("metrics", {})
+                    if diversity is not None:
+                        metrics["lpips_diversity"] = diversity
 
 
 # --- pieces ---------------------------------------------------------------------------------
@@ -287,6 +299,25 @@ def class_aware_distill_loss(students: list[torch.Tensor], teachers: list[torch.
         raise ValueError("students must hold at least one feature")
     weights = [1.0 / len(students)] * len(students)
     return attention_distill_loss(students, list(teachers), p=2.0, weights=weights, reduce="sum", reduction="sum")
+
+
+@torch.no_grad()
+def lpips_diversity(G: nn.Module, dim_z: int, n_classes: int, samples: int, max_classes: int = 100) -> float | None:
+    """The paper's diversity score: per class, the mean LPIPS distance between pairs of images of
+    that class from independent latents, averaged over the classes (the first max_classes), with
+    about `samples` images in all (at least one pair per class). None when the LPIPS backbone
+    weights are missing (gansparse.metrics.lpips_distance warns once)."""
+    classes = min(n_classes, max_classes)
+    pairs = max(1, samples // (2 * classes))
+    scores = []
+    for c in range(classes):
+        ids = torch.full((pairs,), c, dtype=torch.int64)
+        first, second = G(torch.randn(pairs, dim_z), ids), G(torch.randn(pairs, dim_z), ids)
+        distance = lpips_distance(first.clamp(-1, 1), second.clamp(-1, 1))
+        if distance is None:
+            return None
+        scores.append(distance.item())
+    return sum(scores) / len(scores)
 
 
 @torch.no_grad()
