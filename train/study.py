@@ -304,6 +304,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     latency.axhline(teacher["latency_ms"]["dense"], color="black", linewidth=1, label="teacher (dense)")
     quality.set_ylabel("PSNR against the teacher (dB)")
     latency.set_ylabel("CPU latency, batch 1 (ms)")
+    latency.set_ylim(bottom=0)  # heights compare as ratios
     for axis in (quality, latency):
         axis.set_xlabel("target sparsity (%)")
         axis.grid(alpha=0.3)
@@ -341,7 +342,7 @@ def study(teacher: str, preset: str | None = None, sparsities=DEFAULT_SPARSITIES
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.study", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m train.study", allow_abbrev=False,
         description="The granularity study of Self-Supervised GAN Compression: prune one teacher with selfsup at "
                     "each granularity to each sparsity, and tabulate quality against the teacher and CPU latency "
                     "(study.md, study.json, study.png in --out). A rerun keeps finished runs and resumes an "
