@@ -14,6 +14,7 @@ from gansparse.masks import SigmoidMask, named_masks
 from gansparse.models import biggan
 from train import checkpoint
 from train.config import load_yaml
+from train.objectives import get_objective
 from train.methods.ppcd import PPCD, ClassAwareTaps, class_aware_distill_loss, parse_blocks
 from train.run import main
 
@@ -96,6 +97,36 @@ def test_distill_blocks_are_one_based_and_checked():
     for bad in ("", "0,2", "2,6", "two"):
         with pytest.raises(ValueError, match="option 'distill_blocks' must list block numbers in \\[1, 5\\]"):
             parse_blocks(bad, 5)
+
+
+def _objective(**options):
+    from train.config import resolve
+    cfg = resolve(PPCD, "smoke", overrides=dict(num_classes=3, **options))
+    return get_objective("biggan")(cfg, torch.device("cpu"))
+
+
+def test_the_biggan_objective_builds_both_layouts_with_the_hinge_loss():
+    sagan, big = _objective(), _objective(biggan_config="biggan", dim_z=18, shared_dim=8)
+    assert big.dim_z == 16  # 3 blocks at 32x32: z splits into 4 chunks, the remainder is dropped
+    G, D = big.build("G"), big.build("D")
+    assert G.hier and G.G_shared and not sagan.build("G").G_shared and G.dim_z == big.dim_z
+    batch = big.prepare({"image": torch.rand(4, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, 2, 0])})
+    assert batch["z"].shape == (4, 16) and batch["y"].dtype == torch.int64 and int(batch["y"].max()) < 3
+    assert big.prepare(batch)["z"] is batch["z"]  # idempotent: student and teacher share the draws
+    nets = {"G": G, "D": D}
+    terms, fakes = big.generator_terms(nets, batch)
+    # BigGAN-PyTorch's hinge loss: G -mean D(fake); D mean relu(1 - D(real)) + mean relu(1 + D(fake)).
+    torch.testing.assert_close(terms["G_gan"], -D(fakes["G"], batch["y"]).mean())
+    d_terms = big.discriminator_terms(nets, batch, {"G": fakes["G"].detach()})
+    torch.testing.assert_close(d_terms["D_real"], torch.relu(1 - D(batch["image"], batch["label"])).mean())
+    torch.testing.assert_close(d_terms["D_fake"], torch.relu(1 + D(fakes["G"], batch["y"])).mean())
+    assert big.generator_weights() == {"G_gan": 1.0} and set(big.discriminator_weights()) == set(d_terms)
+    # A shared-embedding G is exported on embeddings, an SA-GAN one on class ids.
+    assert big.example_inputs(2)[1].shape == (2, 8) and sagan.example_inputs(2)[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="option 'biggan_config' must be one of"):
+        _objective(biggan_config="stylegan")
+    with pytest.raises(ValueError, match="option 'crop_size' must be one of"):
+        _objective(crop_size=48)
 
 
 # --- end to end -----------------------------------------------------------------------------------
