@@ -15,6 +15,7 @@ from gansparse.models import biggan
 from train import checkpoint
 from train.config import load_yaml
 from train.objectives import get_objective
+from train.methods import ppcd
 from train.methods.ppcd import PPCD, ClassAwareTaps, class_aware_distill_loss, parse_blocks
 from train.run import main
 
@@ -127,6 +128,30 @@ def test_the_biggan_objective_builds_both_layouts_with_the_hinge_loss():
         _objective(biggan_config="stylegan")
     with pytest.raises(ValueError, match="option 'crop_size' must be one of"):
         _objective(crop_size=48)
+
+
+def test_lpips_diversity_pairs_images_of_one_class(monkeypatch):
+    seen = []
+
+    def distance(x, y):  # a stand-in for LPIPS: the mean absolute difference per pair
+        seen.append((x.shape[0], x.clone()))
+        return (x - y).abs().mean((1, 2, 3)).mean()
+
+    monkeypatch.setattr(ppcd, "lpips_distance", distance)
+
+    def by_class(z, ids):  # [N, 3, 2, 2]: the class only, whatever the latent
+        return ids.float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2) / 10
+
+    assert ppcd.lpips_diversity(by_class, 4, n_classes=3, samples=12) == 0.0
+    assert [count for count, _ in seen] == [2, 2, 2]  # 12 images: 2 pairs in each of 3 classes
+    assert [float(images.mean()) for _, images in seen] == pytest.approx([0.0, 0.1, 0.2])
+
+    def by_latent(z, ids):
+        return z[:, :3, None, None].expand(-1, 3, 2, 2).tanh()
+
+    assert ppcd.lpips_diversity(by_latent, 4, n_classes=3, samples=12) > 0
+    monkeypatch.setattr(ppcd, "lpips_distance", lambda x, y: None)  # weights missing
+    assert ppcd.lpips_diversity(by_latent, 4, n_classes=3, samples=12) is None
 
 
 # --- end to end -----------------------------------------------------------------------------------
