@@ -154,6 +154,21 @@ def test_lpips_diversity_pairs_images_of_one_class(monkeypatch):
     assert ppcd.lpips_diversity(by_latent, 4, n_classes=3, samples=12) is None
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("ratio", 1.0, "option 'ratio' .* must be in \\[0, 1\\)"),
+    ("pivot", 0.0, "option 'pivot' must be in \\(0, 1\\)"),
+    ("temperature", 0.0, "option 'temperature' must be positive"),
+    ("lambda_pp", -1.0, "option 'lambda_pp' must be >= 0"),
+    ("cad_norm", "batch", "option 'cad_norm' must be 'teacher' or 'none'"),
+    ("model", "cyclegan", "ppcd compresses model 'biggan' only"),
+])
+def test_bad_options_are_named(option, value, message):
+    from train.config import resolve
+    cfg = resolve(PPCD, "smoke", overrides={option: value})
+    with pytest.raises(ValueError, match=message):
+        PPCD(cfg, torch.device("cpu"))
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 # Tiny, deterministic and on the CPU, so runs repeat exactly and take seconds.

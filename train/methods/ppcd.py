@@ -119,9 +119,15 @@ class PPCD(Dense):
             raise ValueError(f"ppcd compresses model 'biggan' only, got model={cfg['model']!r}")
         if cfg["cad_norm"] not in ("teacher", "none"):
             raise ValueError(f"option 'cad_norm' must be 'teacher' or 'none', got {cfg['cad_norm']!r}")
-        for name in ("lambda_pp", "lambda_cad", "mask_lr"):
+        for name in ("lambda_pp", "lambda_cad", "mask_lr", "latency_batch"):
             if cfg[name] < 0:
                 raise ValueError(f"option {name!r} must be >= 0, got {cfg[name]!r}")
+        if not 0 <= cfg["ratio"] < 1:
+            raise ValueError(f"option 'ratio' (the compression ratio threshold) must be in [0, 1), got {cfg['ratio']!r}")
+        if not 0 < cfg["pivot"] < 1:
+            raise ValueError(f"option 'pivot' must be in (0, 1), got {cfg['pivot']!r}")
+        if not cfg["temperature"] > 0:
+            raise ValueError(f"option 'temperature' must be positive, got {cfg['temperature']!r}")
         super().__init__(cfg, device)
 
     # --- structure --------------------------------------------------------------------------
@@ -197,6 +203,8 @@ class PPCD(Dense):
     # --- results ----------------------------------------------------------------------------
 
     def final_model(self) -> nn.Module:
+        """The compact student: a copy with every mask binarised (by the pivot rule if it has not
+        reached the ratio), without the masked channels and the mask layers (on the CPU)."""
         student = binarize_masks_(copy.deepcopy(self.nets["G"])).cpu()
         return export.compact(biggan.exportable(student), *(x.cpu() for x in self.example_inputs(1)))
 
