@@ -142,15 +142,15 @@ class PPCD(Dense):
                    crop_size=teacher_cfg["crop_size"], num_classes=teacher_cfg["num_classes"],
                    shared_dim=teacher_cfg["shared_dim"])
         self.objective = get_objective("biggan")(cfg, self.device)  # the student's, on the settled options
-        self.blocks = parse_blocks(cfg["distill_blocks"], len(teacher.blocks))
+        distilled = parse_blocks(cfg["distill_blocks"], len(teacher.blocks))
         mask_options = dict(temperature=cfg["temperature"], pivot=cfg["pivot"], compression_threshold=cfg["ratio"])
         self.nets["G"] = biggan.Generator(**self.objective.generator_kwargs(), mask="sigmoid",
                                           mask_options=mask_options, ppres=True).to(self.device)
         self.nets["D"] = self.objective.build("D").to(self.device)
         self.nets["G_T"] = teacher.eval()
         readers = [block_output_readers(net) for net in (self.nets["G"], teacher)]
-        self.student_taps = FeatureTaps(self.nets["G"], [readers[0][i] + ":in" for i in self.blocks])
-        self.teacher_taps = ClassAwareTaps(teacher, [readers[1][i] for i in self.blocks],
+        self.student_taps = FeatureTaps(self.nets["G"], [readers[0][i] + ":in" for i in distilled])
+        self.teacher_taps = ClassAwareTaps(teacher, [readers[1][i] for i in distilled],
                                            normalise=cfg["cad_norm"] == "teacher")
 
     def parameter_groups(self, part: str) -> list[dict]:
