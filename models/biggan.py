@@ -378,8 +378,9 @@ class GBlock(nn.Module):
     `transition` conv maps them back to out_channels on the residual branch, before the sum:
     x -> transition(conv2(...)) + conv_sc(up(x)). The residual stream is thus never masked, and
     both masks prune freely: bn2's mask conv1's outputs and conv2's inputs, conv2's mask conv2's
-    outputs and the transition's inputs. The transition starts as the identity (zero bias), so a
-    PP-Res block starts as the plain block with its masks applied.
+    outputs and the transition's inputs. The transition is built like the block's other convs
+    (spectral-normalised with G_param 'SN') and starts as the identity (zero bias), so a PP-Res
+    block starts as the plain block with its masks applied.
 
     make_mask: None, or a callable channels -> Mask (a new mask for each masked layer).
     """
