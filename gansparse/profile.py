@@ -27,12 +27,25 @@ as a masked norm's, prunes the layer that produced its input. Works on the 'meta
 is computed, and the full-size models profile in milliseconds.
 
 Masks: a row's `macs` is the layer as it is (dense). `macs_effective` counts only the channels
-that survive pruning (Mask.keep()): input channels kept by the mask of the layer that produced the
-input, output channels kept by the layer's own mask or by the mask right after it (a masked norm),
-i.e. the size of the compact model export would give. It is None when the masks are on 'meta'.
+gansparse.export.compact would keep, followed as the model runs with its masks frozen at their
+kept values (export.pruned_reference), by export's rules: channels tied by per-channel ops,
+additions and concatenations go together (a residual stream channel only when every block adding
+to it masks it; a depthwise conv's input and output channel together), and stay when a layer
+mixing channels reads them while they are not provably 0 (or, for a conv without zero padding or
+a linear layer, not provably constant: export folds those into the bias). A mask that scales kept
+channels of a norm without affine (a soft mask, or a stream channel zeroed here but kept by
+another block) becomes an affine, one MAC per element. So for the zoo's generators with any
+masks, macs_effective == profile(export.compact(model, *inputs), *inputs)['macs'] (BigGAN as
+biggan.exportable gives it). Not so where export rewrites ops rather than cutting them:
+StyleGAN2's modulated convs count here as the content-aware paper counts them (style linear and
+conv, layer by layer equal to the compact model's), while the compact model's plain layers also
+count the per-sample modulation and demodulation as multiplications; spectral norms counted in a
+model's forward are folded away by export. For the compact model's own count, profile it.
+macs_effective is None when the masks are on 'meta'.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
 
 import torch
@@ -40,6 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .layers import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d
+from .export import _zero_padding_exact, effective_mask_values, pruned_reference
 from .masks import Mask
 
 __all__ = ["profile", "profile_table"]
@@ -97,7 +111,7 @@ def _function_macs(name: str, args, kwargs, out) -> tuple[int, int] | None:
         macs = q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
     elif name == "einsum":
         macs = _einsum_macs(args)
-    elif name in _MULS:
+    elif name in _MULS or name in ("addcmul", "addcmul_"):  # x * y, z + x * y
         macs = out.numel()
     elif name in ("batch_norm", "instance_norm", "layer_norm", "group_norm"):
         has_weight = _argument(args, kwargs, _norm_weight_index(name), "weight") is not None
@@ -132,16 +146,27 @@ def _is_fused(module: nn.Module) -> bool:
         or isinstance(getattr(module, "mask", None), Mask) or hasattr(module, "profile_macs")
 
 
-def _fused_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-    """As the unfused equivalent: the conv, then the norm if it has an affine; or as the module
-    counts itself."""
+def _is_depthwise(conv: nn.Module) -> bool:
+    return conv.groups == conv.in_channels == conv.out_channels > 1
+
+
+def _fused_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int, str]]:
+    """[(output-side MACs, input-side MACs, kind)] of a fused layer, counted as its unfused
+    equivalent (the conv, then the norm if it has an affine) or as the module counts itself:
+    profile_macs(x, out) returns one (output side, input side) pair, or a list of such triples.
+    kind says how pruning shrinks the part (see _Part): 'conv', 'input', 'depthwise' or
+    'channelwise'."""
     if hasattr(module, "profile_macs"):
-        return module.profile_macs(x, out)
+        counted = module.profile_macs(x, out)
+        if isinstance(counted, list):  # parts with their kinds
+            return counted
+        return [(*counted, "conv" if _conv_like(module) else "channelwise")]
     conv = module if isinstance(module, nn.modules.conv._ConvNd) else getattr(module, "conv", None)
     norm = module if isinstance(module, _NORMS + (ConditionalBatchNorm2d,)) else getattr(module, "norm", None)
-    output_side = input_side = 0
+    parts = []
     if conv is not None:
-        output_side, input_side = _conv_macs(x, conv.weight.shape, out, conv.groups, conv.transposed)
+        macs = _conv_macs(x, conv.weight.shape, out, conv.groups, conv.transposed)
+        parts.append((*macs, "depthwise" if _is_depthwise(conv) else "conv"))
     if isinstance(norm, ConditionalBatchNorm2d):
         # The per-sample gain multiplies every element; BigGAN's linear gains map the condition.
         affine = out.numel()
@@ -149,7 +174,182 @@ def _fused_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[
             affine += 2 * out.shape[0] * norm.cond_dim * norm.num_features
     else:
         affine = out.numel() if getattr(norm, "weight", None) is not None else 0
-    return output_side + affine, input_side + affine
+    return parts + [(affine, affine, "channelwise")]
+
+
+def _conv_like(module: nn.Module) -> bool:
+    """Layers that mix channels: their input channels are read, their output channels are new.
+    Modules that count themselves are taken as such, but for channel-wise ones
+    (`profile_channelwise`, e.g. a norm: channel c out of channel c in)."""
+    if getattr(module, "profile_channelwise", False):
+        return False
+    return isinstance(module, (nn.modules.conv._ConvNd, MaskedConvNormAct)) or hasattr(module, "profile_macs")
+
+
+# --- which channels survive pruning ----------------------------------------------------------
+
+
+def _channel_state(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value [C] of each channel (dim 1) at its first element, bool [C]: the channel holds one value)."""
+    flat = t.detach().transpose(0, 1).reshape(t.shape[1], -1)  # [C, everything else]
+    first = flat[:, 0]
+    return first, (flat - first[:, None]).abs().amax(1) <= 1e-6 * (1 + first.abs())
+
+
+@dataclass
+class _Track:
+    """The channels (dim 1) of one tensor: a union-find slot each, and which are provably constant."""
+
+    tensor: torch.Tensor  # held, so its id stays its own
+    slots: list[int]
+    const: torch.Tensor   # bool [C]
+    value: torch.Tensor   # [C], the value of a constant channel
+
+    def zero(self) -> torch.Tensor:
+        return self.const & (self.value == 0)
+
+
+class _Channels:
+    """The channels gansparse.export.compact removes, followed as the model runs. Channels tied
+    together go together: through per-channel ops (norms, activations, padding, pooling,
+    resampling, depthwise convs), additions and other elementwise ops (a residual stream channel
+    is one group across every block adding to it) and concatenations. A group stays when a layer
+    mixing channels (a conv, a linear layer, a matmul, anything else) reads one of its channels
+    while it is not provably 0, or when it reaches the model's output; every tensor keeps at least
+    one channel. Provably 0: set to 0 by a mask, then kept constant by per-channel ops (checked on
+    the values) and 0 (a ReLU, or an instance norm of a constant). What this leaves out of export's
+    rules: the non-zero constants export folds into the next layer's bias (where the mask sits
+    before a norm and the padding allows it), and the channels views move to another axis."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pinned: list[bool] = []
+        self.tracks: dict[int, _Track] = {}
+
+    def find(self, slot: int) -> int:
+        while self.parent[slot] != slot:
+            self.parent[slot] = self.parent[self.parent[slot]]
+            slot = self.parent[slot]
+        return slot
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+            self.pinned[a] = self.pinned[a] or self.pinned[b]
+
+    def kept(self, slots: list[int] | None, channels: int) -> int:
+        return channels if slots is None else sum(self.pinned[self.find(s)] for s in slots)
+
+    def get(self, t) -> _Track | None:
+        track = self.tracks.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return track if track is not None and track.tensor is t else None
+
+    def new(self, t: torch.Tensor, zero: torch.Tensor | None = None) -> _Track:
+        """Fresh channels for the output of a layer that mixes channels; `zero`: those a mask sets to 0."""
+        channels = t.shape[1]
+        start = len(self.parent)
+        self.parent.extend(range(start, start + channels))
+        self.pinned.extend([False] * channels)
+        zero = torch.zeros(channels, dtype=torch.bool) if zero is None else zero
+        track = _Track(t, list(range(start, start + channels)), zero.clone(), torch.zeros(channels))
+        self.tracks[id(t)] = track
+        return track
+
+    def read(self, t, folds: bool = False) -> None:
+        """A layer mixing channels reads t: its channels that are not provably 0 stay, and, unless
+        the layer `folds` constants into its bias (a conv whose padding keeps a constant constant,
+        a linear layer), those that are not provably constant."""
+        track = self.get(t)
+        if track is not None:
+            for slot, gone in zip(track.slots, (track.const if folds else track.zero()).tolist()):
+                if not gone:
+                    self.pinned[self.find(slot)] = True
+
+    def pin(self, t) -> None:
+        track = self.get(t)
+        if track is not None:
+            for slot in track.slots:
+                self.pinned[self.find(slot)] = True
+
+    def per_channel(self, out: torch.Tensor, inputs, multiplies: bool = False, zero: torch.Tensor | None = None):
+        """out's channel c depends on channel c of the inputs with out's channel count only (others
+        broadcast): tie them. out's channel is constant when theirs are and its values are one;
+        for a product, also when one factor's channel is 0. zero: channels a mask sets to 0."""
+        channels = out.shape[1]
+        same = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == channels]
+        for other in [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] != channels]:
+            if other.shape[1] != 1:  # not broadcast: channels export cannot follow
+                self.read(other)
+        if not same:
+            return self.new(out, zero)
+        tracks = [self.get(t) or self.new(t) for t in same]
+        value, uniform = _channel_state(out)
+        const = uniform.cpu().clone()
+        for track in tracks:
+            const &= track.const
+        if multiplies:
+            for track in tracks:
+                const |= track.zero()
+        if zero is not None:
+            const |= zero
+        result = _Track(out, list(tracks[0].slots), const, value.detach().float().cpu())
+        for track in tracks[1:]:
+            for a, b in zip(result.slots, track.slots):
+                self.union(a, b)
+        if zero is not None:
+            result.value = torch.where(zero, torch.zeros(()), result.value)
+        self.tracks[id(out)] = result
+        return result
+
+    def concatenate(self, out: torch.Tensor, parts) -> None:
+        tracks = [self.get(t) or self.new(t) for t in parts]
+        self.tracks[id(out)] = _Track(out, [s for t in tracks for s in t.slots], torch.cat([t.const for t in tracks]),
+                                      torch.cat([t.value for t in tracks]))
+
+    def keep_one_each(self) -> None:
+        """A tensor keeps at least one channel (torch layers take no 0-channel input)."""
+        for track in self.tracks.values():
+            if track.slots and not any(self.pinned[self.find(s)] for s in track.slots):
+                self.pinned[self.find(track.slots[0])] = True
+
+
+@dataclass
+class _Part:
+    """MACs of one operation of a row, and how pruning shrinks them: 'conv' with the kept input
+    and output channels, 'input' with the kept input channels (e.g. the style linear of a
+    modulated conv, one style per input channel), 'depthwise' and 'channelwise' with the kept
+    output channels, 'fixed' not.
+    'mask_scale': a mask after a norm without affine, free, unless it scales a channel that stays
+    by a value other than 1 (a soft mask; a residual stream channel this mask zeroes but another
+    block keeps), which export folds into the norm as an affine: then one MAC per kept element."""
+
+    output_side: int
+    input_side: int
+    kind: str
+    slots_in: list[int] | None = None
+    channels_in: int = 1
+    slots_out: list[int] | None = None
+    channels_out: int = 1
+    mask_values: torch.Tensor | None = None  # 'mask_scale': [C]
+    scaled_macs: int = 0  # 'mask_scale': the MACs of the affine it becomes
+
+    def effective(self, macs: int, channels: _Channels) -> int:
+        if self.kind == "fixed":
+            return macs
+        if self.kind == "mask_scale":
+            macs = self.scaled_macs
+            kept = [c for c, s in enumerate(self.slots_out) if channels.pinned[channels.find(s)]]
+            if not bool((self.mask_values[kept] != 1).any()):
+                return 0
+        if self.kind == "input":
+            return (macs * channels.kept(self.slots_in, self.channels_in) + self.channels_in // 2) // self.channels_in
+        whole = self.channels_out
+        kept = channels.kept(self.slots_out, self.channels_out)
+        if self.kind == "conv":
+            whole *= self.channels_in
+            kept *= channels.kept(self.slots_in, self.channels_in)
+        return (macs * kept + whole // 2) // whole
 
 
 # --- the profiler --------------------------------------------------------------------------
@@ -166,29 +366,44 @@ def _first_tensor(values) -> torch.Tensor | None:
     return None
 
 
+def _tensors(values) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors(value)
+        elif isinstance(value, dict):
+            found += _tensors(value.values())
+    return found
+
+
 def _shape(t) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
-def _channels(t: torch.Tensor) -> int:
-    return t.shape[1] if t.dim() >= 2 else 1
+def _channels(t) -> int:
+    return t.shape[1] if isinstance(t, torch.Tensor) and t.dim() >= 2 else 1
+
+
+# Ops that mix channels besides the counted contractions (or move the channel axis).
+_MIXING = {"layer_norm", "group_norm", "softmax", "log_softmax", "transpose", "permute", "movedim", "swapaxes",
+           "t", "embedding", "flatten", "unflatten", "view", "reshape"}
+_CONTRACTIONS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+                 "einsum", "scaled_dot_product_attention"} | _MATMULS
 
 
 class _Profiler(TorchFunctionMode):
     """Counts the operations that run, attributing them to the innermost module running, and
-    follows which channels masks zero, from the masked layer to the layers that consume it."""
+    (when `channels` is given) follows which channels survive pruning (_Channels)."""
 
-    def __init__(self, model: nn.Module, transposed: str) -> None:
+    def __init__(self, model: nn.Module, transposed: str, channels: _Channels | None) -> None:
         super().__init__()
         self.input_side = transposed == "input"
+        self.channels = channels
         self.rows: list[dict] = []
         self.stack: list[tuple[str, nn.Module, dict | None]] = []  # (name, module, its row once it counts)
         self.fused_depth = 0  # > 0 inside a fused layer: its own rule counts it
-        self.effective_known = True
-        # Channels kept by masks, per tensor (keyed by id, the tensor held so the id stays its own),
-        # and the row that produced each tensor a masked norm may prune afterwards.
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.producer: dict[int, tuple[torch.Tensor, dict]] = {}
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
@@ -210,66 +425,69 @@ class _Profiler(TorchFunctionMode):
         if self.fused_depth == 1:  # the outermost fused layer; its bookkeeping runs uncounted
             x, y = _first_tensor(args), _first_tensor([out])
             row = self._row(name, module, x, y)
-            self._add(row, *_fused_macs(module, x, y))
-            self._apply_mask(module, x, y, row)
+            slots_in, slots_out = self._follow_fused(module, x, y)
+            for output_side, input_side, kind in _fused_macs(module, x, y):
+                row["parts"].append(_Part(output_side, input_side, kind, slots_in, _channels(x), slots_out,
+                                          _channels(y)))
+            mask = getattr(module, "mask", None)
+            if slots_out is not None and isinstance(module, _NORMS) and module.weight is None and \
+                    isinstance(mask, Mask):
+                row["parts"].append(_Part(0, 0, "mask_scale", None, 1, slots_out, _channels(y),
+                                          effective_mask_values(mask).cpu(), y.numel()))
         self.fused_depth -= 1
 
     def _row(self, name: str, module: nn.Module, x, y) -> dict:
         row = dict(name=name, type=type(module).__name__, input_shape=_shape(x), output_shape=_shape(y),
-                   params=sum(p.numel() for p in module.parameters()), macs=0, macs_effective=0,
-                   macs_transposed_output_side=0, macs_transposed_input_side=0, kept_in=1.0, kept_out=1.0)
+                   params=sum(p.numel() for p in module.parameters()), parts=[])
         self.rows.append(row)
         return row
 
-    def _add(self, row: dict, output_side: int, input_side: int) -> None:
-        row["macs_transposed_output_side"] += output_side
-        row["macs_transposed_input_side"] += input_side
+    # -- channels --
 
-    # -- masks --
-
-    def _keep(self, mask: Mask) -> torch.Tensor | None:
-        keep = mask.keep()
-        if keep.device.type == "meta":
-            self.effective_known = False
-            return None
-        return keep.detach().cpu()
-
-    def _kept_fraction(self, t: torch.Tensor) -> float:
-        entry = self.kept.get(id(t))
-        return entry[1].float().mean().item() if entry is not None else 1.0
-
-    def _apply_mask(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, row: dict) -> None:
-        if _conv_like(module):
-            row["kept_in"] = self._kept_fraction(x)
+    def _follow_fused(self, module: nn.Module, x, y) -> tuple[list[int] | None, list[int] | None]:
+        """(slots of x, slots of y) once a fused layer ran: a conv-like one reads x and makes y's
+        channels, with those its mask sets to 0; a channel-wise one ties y to x, a depthwise conv too."""
+        if self.channels is None or not isinstance(y, torch.Tensor) or y.dim() < 2:
+            return None, None
         mask = getattr(module, "mask", None)
-        keep = self._keep(mask) if isinstance(mask, Mask) else None
-        if keep is None:
-            self.producer[id(y)] = (y, row)
-            return
-        row["kept_out"] = keep.float().mean().item()
-        self.kept[id(y)] = (y, keep)
-        if not _conv_like(module):
-            # A mask after a norm prunes the output channels of the layer the norm follows.
-            producer = self.producer.get(id(x))
-            if producer is not None and _channels(producer[0]) == keep.numel():
-                producer[1]["kept_out"] = min(producer[1]["kept_out"], row["kept_out"])
+        zero = (~mask.keep()).cpu() if isinstance(mask, Mask) and mask.channels == y.shape[1] else None
+        conv = module if isinstance(module, nn.modules.conv._ConvNd) else None
+        if _conv_like(module) and not (conv is not None and _is_depthwise(conv)):
+            self.channels.read(x, folds=conv is not None and _zero_padding_exact(conv))
+            track_in = self.channels.get(x)
+            track_out = self.channels.new(y, zero)
+        else:
+            track_out = self.channels.per_channel(y, [x], zero=zero)
+            track_in = track_out
+        return (track_in.slots if track_in is not None else None), track_out.slots
 
-    def _propagate_kept(self, name: str, args, out) -> None:
-        """Zero channels stay zero through channel-wise ops (kept if kept in any input: a residual
-        sum keeps what either side keeps) and line up through a concatenation along channels."""
-        tensors = [a for a in (args[0] if name == "cat" else args) if isinstance(a, torch.Tensor)]
-        if not isinstance(out, torch.Tensor) or not any(id(t) in self.kept for t in tensors):
-            return
-        def keep_of(t):
-            entry = self.kept.get(id(t))
-            return entry[1] if entry is not None else torch.ones(_channels(t), dtype=torch.bool)
-        if name == "cat":
-            if (args[1] if len(args) > 1 else 0) == 1:
-                self.kept[id(out)] = (out, torch.cat([keep_of(t) for t in tensors]))
-            return
-        same = [keep_of(t) for t in tensors if t.dim() >= 2 and _channels(t) == _channels(out)]
-        if same and out.dim() >= 2:
-            self.kept[id(out)] = (out, torch.stack(same).any(0))
+    def _follow_function(self, name: str, args, kwargs, out, depthwise: bool):
+        """(slots of the op's first input, slots of its output) after a torch function ran."""
+        outputs = [out] if isinstance(out, torch.Tensor) else _tensors([out])
+        if self.channels is None or not outputs:
+            return None, None
+        inputs = _tensors(args) + _tensors(kwargs.values())
+        tracked = any(self.channels.get(t) is not None for t in inputs)
+        if name in ("cat", "concat", "concatenate") and _argument(args, kwargs, 1, "dim", 0) in (1, -3) and \
+                all(t.dim() == 4 for t in inputs) and tracked:
+            self.channels.concatenate(out, inputs)
+        elif (name in _CONTRACTIONS and not depthwise) or name in _MIXING or len(outputs) != 1 or \
+                outputs[0].dim() < 2:
+            # As export: a linear layer, or a conv without zero padding, folds a constant input channel.
+            folds = name == "linear" or (name.startswith("conv") and not name.startswith("conv_transpose") and
+                                         _argument(args, kwargs, 4, "padding", 0) in (0, (0, 0), "valid"))
+            self.channels.read(args[0], folds)
+            for t in inputs[1:]:
+                self.channels.read(t)
+            if name in _CONTRACTIONS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                track_in = self.channels.get(args[0])
+                return (track_in.slots if track_in is not None else None), self.channels.new(out).slots
+        elif tracked or depthwise:
+            multiplies = name in _MULS
+            if depthwise:
+                inputs = inputs[:1]
+            return None, self.channels.per_channel(outputs[0], inputs, multiplies).slots
+        return None, None
 
     # -- the function mode --
 
@@ -279,40 +497,43 @@ class _Profiler(TorchFunctionMode):
         if self.fused_depth > 0 or not self.stack:
             return out
         name = getattr(func, "__name__", "")
+        depthwise = name.startswith("conv") and isinstance(out, torch.Tensor) and \
+            _argument(args, kwargs, 6, "groups", 1) == _channels(args[0]) == _channels(out) > 1
+        slots_in, slots_out = self._follow_function(name, args, kwargs, out, depthwise)
         macs = _function_macs(name, args, kwargs, out)
         if macs is None:
-            self._propagate_kept(name, args, out)
             return out
         module_name, module, row = self.stack[-1]
         if row is None:
             row = self._row(module_name, module, _first_tensor(args), out)
             self.stack[-1] = (module_name, module, row)
-            if name.startswith("conv") or name == "linear":
-                row["kept_in"] = self._kept_fraction(args[0])
         else:
             row["output_shape"] = _shape(out)
-        self.producer[id(out)] = (out, row)
-        self._add(row, *macs)
+        if depthwise:
+            kind = "depthwise"
+        elif name.startswith("conv") or name == "linear":
+            kind = "conv"
+        else:
+            kind = "fixed" if name in _CONTRACTIONS else "channelwise"
+        row["parts"].append(_Part(*macs, kind, slots_in, _channels(args[0]), slots_out, _channels(out)))
         return out
 
-    def finish(self) -> None:
+    def finish(self, outputs) -> None:
         for handle in self.handles:
             handle.remove()
+        if self.channels is not None:
+            for t in _tensors([outputs]):
+                self.channels.pin(t)
+            self.channels.keep_one_each()
         for row in self.rows:
+            parts = row.pop("parts")
+            row["macs_transposed_output_side"] = sum(part.output_side for part in parts)
+            row["macs_transposed_input_side"] = sum(part.input_side for part in parts)
             row["macs"] = row["macs_transposed_input_side" if self.input_side else "macs_transposed_output_side"]
-            kept = row.pop("kept_in") * row.pop("kept_out")
-            row["macs_effective"] = round(row["macs"] * kept) if self.effective_known else None
-        self.kept.clear()
-        self.producer.clear()
-
-
-def _conv_like(module: nn.Module) -> bool:
-    """Layers whose input channels are pruned by the mask of the layer that produced the input and
-    whose output channels by their own mask; modules that count themselves are taken as such,
-    but for channel-wise ones (`profile_channelwise`), which are taken as masked norms."""
-    if getattr(module, "profile_channelwise", False):
-        return False
-    return isinstance(module, (nn.modules.conv._ConvNd, MaskedConvNormAct)) or hasattr(module, "profile_macs")
+            row["macs_effective"] = None if self.channels is None else sum(
+                part.effective(part.input_side if self.input_side else part.output_side, self.channels)
+                for part in parts)
+        self.channels = None
 
 
 def profile(model: nn.Module, *inputs, transposed: str = "output") -> dict:
@@ -331,18 +552,28 @@ def profile(model: nn.Module, *inputs, transposed: str = "output") -> dict:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if transposed not in TRANSPOSED_SIDES:
         raise ValueError(f"transposed must be one of {TRANSPOSED_SIDES}, got {transposed!r}")
-    profiler = _Profiler(model, transposed)
+    masks = [m for m in model.modules() if isinstance(m, Mask)]
+    on_meta = any(t.device.type == "meta" for t in _tensors(inputs) + [b for m in masks for b in m.buffers()])
+    channels = _Channels() if masks and not on_meta else None
+    # Channels are followed on the values compact sees: the masks frozen at their kept values.
+    run = pruned_reference(model) if channels is not None else model
+    profiler = _Profiler(run, transposed, channels)
+    outputs = None
     try:
         with torch.no_grad(), profiler:
-            model(*inputs)
+            outputs = run(*inputs)
     finally:
-        profiler.finish()
+        profiler.finish(outputs)
     rows = profiler.rows
+    if not masks:  # nothing to prune
+        for row in rows:
+            row["macs_effective"] = row["macs"]
+    effective_known = not masks or not on_meta
     return dict(
         params=sum(p.numel() for p in model.parameters()),  # parameters() yields a shared one once
         macs=sum(row["macs"] for row in rows),
         macs_transposed_input_side=sum(row["macs_transposed_input_side"] for row in rows),
-        macs_effective=sum(row["macs_effective"] for row in rows) if profiler.effective_known else None,
+        macs_effective=sum(row["macs_effective"] for row in rows) if effective_known else None,
         layers=rows,
     )
 

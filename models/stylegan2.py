@@ -280,18 +280,20 @@ class ModulatedConv2d(nn.Module):
             return F.conv2d(self.blur(x), weight, padding=0, stride=2, groups=groups)
         return F.conv2d(x, weight, padding=self.padding, groups=groups)
 
-    def profile_macs(self, x, out) -> tuple[int, int]:
-        """The style linear and the conv (the transposed one on its output before the blur, or on
-        its input); the per-sample weight (de)modulation is not counted."""
+    def profile_macs(self, x, out) -> list[tuple[int, int, str]]:
+        """For gansparse.profile: the style linear (one style per input channel) and the conv (the
+        transposed one on its output before the blur, or on its input); the per-sample weight
+        (de)modulation is not counted."""
         batch, in_channel, height, width = x.shape
         taps = self.kernel_size ** 2
         style = batch * self.modulation.weight.numel()
         if self.upsample:
             conv_out = batch * self.out_channel * ((height - 1) * 2 + self.kernel_size) * (
                 (width - 1) * 2 + self.kernel_size)
-            return style + conv_out * in_channel * taps, style + x.numel() * self.out_channel * taps
-        macs = style + out.numel() * in_channel * taps
-        return macs, macs
+            conv = conv_out * in_channel * taps, x.numel() * self.out_channel * taps
+        else:
+            conv = (out.numel() * in_channel * taps,) * 2
+        return [(style, style, "input"), (*conv, "conv")]
 
 
 class NoiseInjection(nn.Module):
@@ -339,7 +341,7 @@ class StyledConv(nn.Module):
             out = out * self.mask().view(1, -1, 1, 1)
         return out
 
-    def profile_macs(self, x, out) -> tuple[int, int]:
+    def profile_macs(self, x, out) -> list[tuple[int, int, str]]:
         return self.conv.profile_macs(x, out)
 
 

@@ -291,17 +291,26 @@ def test_bad_input_raises_a_clear_error(call, error, match):
         call()
 
 
-def test_effective_macs_count_the_channels_masks_keep():
-    g = stylegan2.Generator(32, 16, 2, channels=NARROW, mask="hard")
-    for conv in _styled_convs(g):
-        values = torch.zeros(conv.mask.channels)
-        values[: conv.mask.channels // 2] = 1
-        conv.mask = HardMask(conv.mask.channels, values)
-    rows = {row["name"]: row for row in gansparse.profile(g, [torch.zeros(1, 16)], transposed="input")["layers"]}
-    # conv1 reads the unmasked constant: half its outputs; the other convs keep half of both sides;
-    # the ToRGBs read half their inputs.
-    for name, kept in (("conv1", 0.5), ("convs.0", 0.25), ("convs.3", 0.25), ("to_rgbs.1.conv", 0.5)):
-        assert rows[name]["macs_effective"] == round(rows[name]["macs"] * kept)
+def test_effective_macs_are_the_compact_generators_layer_by_layer():
+    """Each modulated conv's effective MACs (the paper's count: its style linear, one style per
+    kept input channel, and its conv) are those of the compact generator's style linear and conv.
+    (The compact model's total also counts the per-sample modulation and demodulation, elementwise
+    multiplies in plain layers, which the paper's count leaves out.)"""
+    g = _random_masks_(_randomised(stylegan2.Generator(**SMALL_G, mask="hard")), 0.5)
+    z = torch.randn(2, 16)
+    stats = gansparse.profile(g.exportable(), z, transposed="input")
+    compact = {}
+    for row in gansparse.profile(export.compact(g), z, transposed="input")["layers"]:
+        compact[row["name"]] = compact.get(row["name"], 0) + row["macs"]
+    rows = {row["name"]: row for row in stats["layers"]}
+    # (row of the masked generator, the compact modulated conv): a StyledConv counts as its conv.
+    styled = ["conv1"] + [f"convs.{i}" for i in range(len(g.convs))]
+    to_rgbs = ["to_rgb1"] + [f"to_rgbs.{j}" for j in range(len(g.to_rgbs))]
+    pairs = [(f"generator.{n}", f"generator.{n}.conv") for n in styled] + [
+        (f"generator.{n}.conv", f"generator.{n}.conv") for n in to_rgbs]
+    for name, plain in pairs:
+        assert rows[name]["macs_effective"] == compact[f"{plain}.conv"] + compact[f"{plain}.modulation"], name
+        assert rows[name]["macs_effective"] < rows[name]["macs"], name
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(upsample=True), dict(downsample=True)])

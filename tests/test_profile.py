@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchprofile import profile_macs
 
-from gansparse import MaskedConvNormAct, profile, profile_table
-from gansparse.masks import HardMask
+from _reference_gan_compression import random_hard_masks_
+from _reference_nets import randomise_
+from gansparse import MaskedConv2d, MaskedConvNormAct, export, profile, profile_table
+from gansparse.masks import HardMask, named_masks
 from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator
 
 FULL_SIZE = {
@@ -116,6 +118,63 @@ def test_effective_macs_count_the_channels_masks_keep():
     # Masks on 'meta' have no values to read.
     on_meta = ResnetGenerator(3, 3, 8, mask="dmad").to("meta")
     assert profile(on_meta, torch.zeros(1, 3, 32, 32, device="meta"))["macs_effective"] is None
+
+
+def _zoo_generator(name: str):
+    """(masked generator, inputs), small; BigGAN as export takes it (spectral norms folded)."""
+    from gansparse.models import MobileResnetGenerator, biggan, dcgan, sngan
+
+    image = (torch.randn(1, 3, 32, 32),)
+    if name.startswith("resnet"):
+        norm, _, kind = name.removeprefix("resnet_").partition("_")
+        return ResnetGenerator(3, 3, 8, norm, n_blocks=3, mask=kind or "hard"), image
+    if name == "unet":
+        return UnetGenerator(3, 3, 5, 8, "batch", mask="hard"), image
+    if name == "mobile_resnet":
+        return MobileResnetGenerator(3, 3, 8, n_blocks=3, mask="hard"), image
+    if name == "sngan":
+        return sngan.Generator(16, 16, mask="hard"), (torch.randn(2, 16),)
+    if name == "dcgan":
+        return dcgan.Generator(16, 4, mask="hard"), (torch.randn(2, 16, 1, 1),)
+    g = biggan.Generator(G_ch=8, dim_z=16, shared_dim=8, resolution=32, G_attn="16", n_classes=5, hier=True,
+                         mask="hard")
+    return g, (torch.randn(2, 16), g.shared(torch.tensor([1, 3])).detach())
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.7])
+@pytest.mark.parametrize("name", ["resnet_batch", "resnet_instance", "resnet_none", "resnet_instance_sigmoid", "unet",
+                                  "mobile_resnet", "sngan", "dcgan", "biggan"])
+def test_effective_macs_are_those_of_the_compact_model(name, sparsity):
+    """Residual streams (a channel goes when every block masks it), skip concatenations, depthwise
+    convs, constants folded, soft masks folded into affines: macs_effective is what the compact
+    model export gives counts. (StyleGAN2: layer by layer, see its tests.)"""
+    model, inputs = _zoo_generator(name)
+    generator = torch.Generator().manual_seed(int(sparsity * 10))
+    if name == "biggan":  # (randomise_ knows running_var, not BigGAN's stored_var)
+        from gansparse.models import biggan
+        model = biggan.exportable(random_hard_masks_(model, sparsity, generator))
+    elif name.endswith("sigmoid"):  # soft masks: kept channels at values in (0, 1), folded into affines
+        for _, mask in named_masks(randomise_(model)):
+            with torch.no_grad():
+                mask.logits.copy_(torch.randn(mask.channels, generator=generator) - sparsity)
+    else:
+        random_hard_masks_(randomise_(model), sparsity, generator)
+    stats = profile(model, *inputs)
+    compact = export.compact(model, *inputs)
+    assert stats["macs_effective"] == profile(compact, *inputs)["macs"] < stats["macs"]
+    assert stats["macs_effective"] == sum(row["macs_effective"] for row in stats["layers"])
+
+
+def test_effective_macs_through_a_masked_depthwise_conv():
+    """conv -> masked depthwise conv -> ReLU -> 1x1 conv: a channel the depthwise conv's mask
+    zeroes goes from all three convs."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MaskedConv2d(8, 8, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model[1].mask = HardMask(8, torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 1]))
+    x = torch.randn(2, 3, 8, 8)
+    rows = profile(model, x)["layers"]
+    assert [row["macs_effective"] / row["macs"] for row in rows] == [5 / 8, 5 / 8, 5 / 8]
+    assert sum(row["macs_effective"] for row in rows) == profile(export.compact(model, x), x)["macs"]
 
 
 def test_profile_table_lists_every_layer_and_the_total():
