@@ -39,10 +39,11 @@ Channels that layers tie together go together or stay together: the two sides of
 (so a residual stream channel goes only if it is masked in every block adding into the stream),
 the inputs and output of per-channel layers (norms and their statistics, activations, padding,
 pooling, CBN embeddings or linear maps, gansparse's upfirdn2d and fused_leaky_relu with its bias,
-a mask the model multiplies by and every other read of that mask), the halves of a U-Net skip concatenation, the query and
-key projections of an attention product. The conv producing a removed channel loses that output
-channel, the layers reading it lose that input channel, the layers in between lose its
-parameters. A tensor keeps at least one channel (a fully masked layer keeps one zero channel).
+a mask the model multiplies by and every other read of that mask), the halves of a U-Net skip
+concatenation, the query and key projections of an attention product. The conv producing a
+removed channel loses that output channel, the layers reading it lose that input channel, the
+layers in between lose its parameters. A tensor keeps at least one channel (a fully masked
+layer keeps one zero channel).
 
 How: tracing with torch.fx. gansparse layers are leaves of the trace; the traced graph is run once
 on the example inputs by a torch.fx Interpreter, which follows every tensor's channel axis

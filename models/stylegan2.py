@@ -49,8 +49,8 @@ torch.fx.wrap("fused_leaky_relu")
 torch.fx.wrap("upfirdn2d")
 
 __all__ = ["Blur", "ConstantInput", "ConvLayer", "Discriminator", "Downsample", "EqualConv2d", "EqualLinear",
-           "FixedNoiseGenerator", "FusedLeakyReLU", "Generator", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock",
-           "StyledConv", "ToRGB", "Upsample", "channel_widths", "load_rosinality_checkpoint", "make_kernel"]
+           "FixedNoiseGenerator", "FusedLeakyReLU", "Generator", "ModulatedConv2d", "NoiseInjection", "PixelNorm",
+           "ResBlock", "StyledConv", "ToRGB", "Upsample", "channel_widths", "load_rosinality_checkpoint", "make_kernel"]
 
 
 def channel_widths(channel_multiplier: int) -> dict[int, int]:
