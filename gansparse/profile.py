@@ -546,7 +546,9 @@ def profile(model: nn.Module, *inputs, transposed: str = "output") -> dict:
     Returns {'params': int (each shared parameter once), 'macs': int, 'macs_transposed_input_side':
     int, 'macs_effective': int or None, 'layers': [rows]}; a row has name, type, input_shape,
     output_shape, params, macs, macs_effective, macs_transposed_output_side and
-    macs_transposed_input_side. The model runs once, in no_grad, in its current train/eval mode.
+    macs_transposed_input_side. The model runs once, in no_grad, in its current train/eval mode;
+    a model with masks (not on 'meta') runs as export.pruned_reference(model), a copy in eval mode
+    with its masks frozen at their kept values, for macs_effective (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
