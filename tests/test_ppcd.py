@@ -234,11 +234,12 @@ def test_resume_after_sigkill_gives_the_uninterrupted_run(teacher, tmp_path, one
 
 
 def test_the_teacher_loads_from_biggan_pytorch_files(teacher, tmp_path, one_thread):
-    # BigGAN-PyTorch's G_ema.pth and D.pth hold our state_dicts' keys unchanged.
+    # BigGAN-PyTorch's G.pth (here without G_ema.pth) holds our state_dict's keys unchanged; ppcd
+    # trains its D afresh, so it needs no D.pth.
     tensors, _ = checkpoint.load(checkpoint.latest(teacher))
     reference = tmp_path / "reference"
     reference.mkdir()
-    for name, file in (("G", "G_ema.pth"), ("D", "D.pth")):
+    for name, file in (("G", "G.pth"),):
         torch.save({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}, reference / file)
     teacher_cfg = load_yaml(teacher / "config.yaml")
     out = tmp_path / "from_files"

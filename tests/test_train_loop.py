@@ -250,3 +250,14 @@ def test_threads_are_set_for_the_run_and_restored(tmp_path):
 
     loop.run(Recording, tiny_config(tmp_path, steps=1, threads=1))
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_the_discriminators_take_lr_D():
+    method = Dense(tiny_config("unused", lr=1e-3, lr_D=4e-3), torch.device("cpu"))
+    method.build()
+    optimizers = method.optimizers()
+    assert [group["lr"] for group in optimizers["G"].param_groups] == [1e-3]
+    assert [group["lr"] for group in optimizers["D"].param_groups] == [4e-3]
+    same = Dense(tiny_config("unused", lr=1e-3), torch.device("cpu"))
+    same.build()
+    assert same.optimizers()["D"].param_groups[0]["lr"] == 1e-3

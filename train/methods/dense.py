@@ -2,9 +2,10 @@
 reference implementation does. Option `model` picks the base GAN (train/objectives): 'cyclegan'
 and 'pix2pix' as junyanz's pytorch-CycleGAN-and-pix2pix, and the others registered there.
 
-Every step updates the generators, then the discriminators, each with Adam(lr, (beta1, beta2));
-G's loss is the sum of the objective's generator terms, D's the sum of its discriminator terms on
-the fakes of the same micro-batch (through the objective's history pool, if it has one).
+Every step updates the generators, then the discriminators, with Adam(lr, (beta1, beta2)) and
+Adam(lr_D or lr, (beta1, beta2)). G's loss is the sum of the objective's generator terms, D's the
+sum of its discriminator terms on the fakes of the same micro-batch (through the objective's history
+pool, if it has one).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ _PIX2PIX = dict(model="pix2pix", netG="unet_256", norm="batch", dropout=True, ga
 @register
 class Dense(Method):
     name = "dense"
-    defaults = dict(model="cyclegan", **merged_defaults())
+    defaults = dict(model="cyclegan", lr_D=0.0, **merged_defaults())
     presets = {
         # Tiny CycleGAN on the synthetic unpaired set: a couple of minutes on 2 CPU cores.
         "smoke": dict(model="cyclegan", netG="resnet_3blocks", ngf=16, ndf=16, crop_size=32, load_size=32,
@@ -59,7 +60,7 @@ class Dense(Method):
         # accumulations, 150k iterations, EMA of G); the data path is the user's --dataroot.
         "imagenet128": dict(model="biggan", biggan_config="biggan", G_ch=96, D_ch=96, dim_z=120, shared_dim=128,
                             G_attn="64", D_attn="64", crop_size=128, load_size=128, num_classes=1000,
-                            batch_size=2048, accumulation=8, steps=150_000, lr=1e-4, beta1=0.0, beta2=0.999,
+                            batch_size=2048, accumulation=8, steps=150_000, lr=1e-4, lr_D=4e-4, beta1=0.0, beta2=0.999,
                             lr_policy="constant", ema=0.9999, checkpoint_every=2000, sample_every=2000,
                             log_every=100),
     }
@@ -82,7 +83,9 @@ class Dense(Method):
             self.nets[d] = self.objective.build(d).to(self.device)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {part: self.adam(self.parameter_groups(part)) for part in ("G", "D")}
+        """Adam for the generators at lr, and for the discriminators at lr_D (0: lr)."""
+        return {"G": self.adam(self.parameter_groups("G")),
+                "D": self.adam(self.parameter_groups("D"), lr=self.cfg["lr_D"] or self.cfg["lr"])}
 
     def parameter_groups(self, part: str) -> list[dict]:
         """The optimizer's parameter groups of `part` ('G': every generator, 'D': every
@@ -91,8 +94,8 @@ class Dense(Method):
         nets = [self.nets[direction[index]] for direction in self.directions()]
         return [{"params": list(itertools.chain.from_iterable(net.parameters() for net in nets))}]
 
-    def adam(self, groups: list[dict]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(groups, lr=self.cfg["lr"], betas=(self.cfg["beta1"], self.cfg["beta2"]))
+    def adam(self, groups: list[dict], lr: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.Adam(groups, lr=lr or self.cfg["lr"], betas=(self.cfg["beta1"], self.cfg["beta2"]))
 
     # --- losses ---------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from gansparse.masks import SigmoidMask, binarize_masks_, mask_losses, named_mas
 from gansparse.metrics import cpu_latency_ms, lpips_distance
 from gansparse.models import biggan
 
+from ..config import ConfigError
 from ..distill import FeatureTaps
 from ..objectives import get_objective
 from ..report import save_image_grid
@@ -116,18 +117,19 @@ class PPCD(Dense):
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
         if cfg["model"] != "biggan":
-            raise ValueError(f"ppcd compresses model 'biggan' only, got model={cfg['model']!r}")
+            raise ConfigError(f"ppcd compresses model 'biggan' only, got model={cfg['model']!r}")
         if cfg["cad_norm"] not in ("teacher", "none"):
-            raise ValueError(f"option 'cad_norm' must be 'teacher' or 'none', got {cfg['cad_norm']!r}")
+            raise ConfigError(f"option 'cad_norm' must be 'teacher' or 'none', got {cfg['cad_norm']!r}")
         for name in ("lambda_pp", "lambda_cad", "mask_lr", "latency_batch"):
             if cfg[name] < 0:
-                raise ValueError(f"option {name!r} must be >= 0, got {cfg[name]!r}")
+                raise ConfigError(f"option {name!r} must be >= 0, got {cfg[name]!r}")
         if not 0 <= cfg["ratio"] < 1:
-            raise ValueError(f"option 'ratio' (the compression ratio threshold) must be in [0, 1), got {cfg['ratio']!r}")
+            raise ConfigError(f"option 'ratio' (the compression ratio threshold) must be in [0, 1), "
+                              f"got {cfg['ratio']!r}")
         if not 0 < cfg["pivot"] < 1:
-            raise ValueError(f"option 'pivot' must be in (0, 1), got {cfg['pivot']!r}")
+            raise ConfigError(f"option 'pivot' must be in (0, 1), got {cfg['pivot']!r}")
         if not cfg["temperature"] > 0:
-            raise ValueError(f"option 'temperature' must be positive, got {cfg['temperature']!r}")
+            raise ConfigError(f"option 'temperature' must be positive, got {cfg['temperature']!r}")
         super().__init__(cfg, device)
 
     # --- structure --------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class PPCD(Dense):
         cfg = self.cfg
         # The teacher's architecture: its run's config.yaml, else BigGAN with the teacher_* widths.
         teacher_cfg = dict(cfg, biggan_config="biggan", G_ch=cfg["teacher_G_ch"], D_ch=cfg["teacher_D_ch"])
-        teacher = load_teacher(teacher_cfg, self.device)["G"]
+        teacher = load_teacher(teacher_cfg, self.device, names=("G",))["G"]  # D is trained afresh
         teacher_objective = get_objective("biggan")(teacher_cfg, self.device)
         cfg.update(teacher_G_ch=teacher_cfg["G_ch"], teacher_D_ch=teacher_cfg["D_ch"], dim_z=teacher_objective.dim_z,
                    crop_size=teacher_cfg["crop_size"], num_classes=teacher_cfg["num_classes"],
@@ -249,8 +251,8 @@ def parse_blocks(option: str, count: int) -> list[int]:
     except ValueError:
         blocks = []
     if not blocks or not all(1 <= b <= count for b in blocks):
-        raise ValueError(f"option 'distill_blocks' must list block numbers in [1, {count}] (the generator has "
-                         f"{count} blocks), such as '2,3', got {option!r}")
+        raise ConfigError(f"option 'distill_blocks' must list block numbers in [1, {count}] (the generator has "
+                          f"{count} blocks), such as '2,3', got {option!r}")
     return [b - 1 for b in blocks]
 
 

@@ -33,8 +33,9 @@ class Objective:
     architecture_keys: tuple[str, ...] = ()
     #: (generator, discriminator that judges it) per direction
     directions: tuple[tuple[str, str], ...] = (("G", "D"),)
-    #: network name -> file of the reference implementation's checkpoint (train.teacher loads them)
-    reference_files: dict[str, str] = {}
+    #: network name -> file of the reference implementation's checkpoint, or a tuple of names to try
+    #: in order (train.teacher loads them)
+    reference_files: dict[str, str | tuple[str, ...]] = {}
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
         self.cfg = cfg

@@ -20,6 +20,7 @@ from torch import nn
 
 from gansparse.models import biggan
 
+from ..config import ConfigError
 from ..losses import GANLoss
 from . import register
 from .base import SynthesisObjective
@@ -39,15 +40,15 @@ class BigGAN(SynthesisObjective):
     architecture_keys = ("biggan_config", "G_ch", "D_ch", "dim_z", "shared_dim", "G_attn", "D_attn", "crop_size",
                          "num_classes")
     # BigGAN-PyTorch's weights: the EMA generator is the one it samples and evaluates with.
-    reference_files = dict(G="G_ema.pth", D="D.pth")
+    reference_files = dict(G=("G_ema.pth", "G.pth"), D="D.pth")  # BigGAN-PyTorch: the EMA G first
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
         super().__init__(cfg, device)
         if cfg["biggan_config"] not in CONFIGS:
-            raise ValueError(f"option 'biggan_config' must be one of {tuple(CONFIGS)}, got {cfg['biggan_config']!r}")
+            raise ConfigError(f"option 'biggan_config' must be one of {tuple(CONFIGS)}, got {cfg['biggan_config']!r}")
         self.resolution, self.n_classes = cfg["crop_size"], cfg["num_classes"]
         if self.resolution not in biggan.G_WIDTHS:
-            raise ValueError(f"option 'crop_size' must be one of {tuple(biggan.G_WIDTHS)} for model 'biggan', got "
+            raise ConfigError(f"option 'crop_size' must be one of {tuple(biggan.G_WIDTHS)} for model 'biggan', got "
                              f"{self.resolution!r}")
         # The generator keeps the largest multiple of its z chunks with hier (models.biggan).
         chunks = len(biggan.G_WIDTHS[self.resolution][0]) + 1 if CONFIGS[cfg["biggan_config"]]["hier"] else 1
