@@ -94,6 +94,15 @@ class Dense(Method):
         nets = [self.nets[direction[index]] for direction in self.directions()]
         return [{"params": list(itertools.chain.from_iterable(net.parameters() for net in nets))}]
 
+    def masks_apart(self, groups: list[dict], masks: list[nn.Parameter]) -> list[dict]:
+        """`groups` with the mask parameters `masks` taken out into a group of their own, at option
+        mask_lr (0: lr) of a method that has it."""
+        if not masks:
+            return groups
+        is_mask = {id(p) for p in masks}
+        kept = [dict(group, params=[p for p in group["params"] if id(p) not in is_mask]) for group in groups]
+        return kept + [{"params": masks, "lr": self.cfg.get("mask_lr") or self.cfg["lr"]}]
+
     def adam(self, groups: list[dict], lr: float | None = None) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups, lr=lr or self.cfg["lr"], betas=(self.cfg["beta1"], self.cfg["beta2"]))
 

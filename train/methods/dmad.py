@@ -163,11 +163,8 @@ class DMAD(Dense):
         groups = super().parameter_groups(part)
         if part != "G":
             return groups
-        masks = [p for g, _ in self.directions() for m in self.nets[g].modules() if isinstance(m, DMADMask)
-                 for p in m.parameters()]
-        is_mask = {id(p) for p in masks}
-        weights = [p for p in groups[0]["params"] if id(p) not in is_mask]
-        return [{"params": weights}] + ([{"params": masks, "lr": self.cfg["mask_lr"] or self.cfg["lr"]}] if masks else [])
+        return self.masks_apart(groups, [p for g, _ in self.directions() for m in self.nets[g].modules()
+                                         if isinstance(m, DMADMask) for p in m.parameters()])
 
     # --- losses -----------------------------------------------------------------------------
 

@@ -157,12 +157,10 @@ class PPCD(Dense):
 
     def parameter_groups(self, part: str) -> list[dict]:
         """G's weights at lr, its masks' logits at mask_lr (0: lr); D as the dense method."""
+        groups = super().parameter_groups(part)
         if part != "G":
-            return super().parameter_groups(part)
-        masks = [mask.logits for _, mask in named_masks(self.nets["G"])]
-        is_mask = {id(p) for p in masks}
-        weights = [p for p in self.nets["G"].parameters() if id(p) not in is_mask]
-        return [{"params": weights}, {"params": masks, "lr": self.cfg["mask_lr"] or self.cfg["lr"]}]
+            return groups
+        return self.masks_apart(groups, [mask.logits for _, mask in named_masks(self.nets["G"])])
 
     # --- losses -----------------------------------------------------------------------------
 
