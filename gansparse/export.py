@@ -30,9 +30,9 @@ layer reading it can absorb that constant:
   from both factors when either factor's channel c is 0;
 - StyleGAN2's modulated conv (x, style, input_mask) drops input channel c when its style is 0
   (input_mask[c] == 0: it leaves the conv and the demodulation alike, and its row of the style
-  linear goes too) or, without demodulation, when x[c] is 0; it becomes plain layers in the form
-  of its unfused path, conv(x * style) * rsqrt(demodulation(style^2) + eps), the input mask's
-  values folded into the style linear;
+  linear goes too) or, without demodulation, when x[c] is 0; it becomes plain ops in the form the
+  module computes (fused: per-sample weights in a grouped conv; unfused: conv(x * style) times
+  the demodulation), the input mask's values folded into the style linear;
 - the model's outputs, the inputs of layers export does not know and class-conditional norms
   (whose per-sample affine turns a constant into a per-sample value) keep their channels.
 Channels that layers tie together go together or stay together: the two sides of an addition
@@ -908,18 +908,23 @@ class _Rewriter:
             owner.register_buffer(name, cut)
 
     def modulated_conv_node(self, node: fx.Node, conv: nn.Module, keep_in, keep_out) -> None:
-        """StyleGAN2's modulated conv as plain layers, in the form of its unfused path:
+        """StyleGAN2's modulated conv of the kept channels as plain layers, in the form the module
+        computes (so that it rounds the same): with `fused`, per-sample weights in a grouped conv,
 
-            style = modulation(w)                                # [N, C_in], times the input mask
+            style = modulation(w)                                  # [N, C_in], times the input mask
+            weight = scaled_weight * style                         # [N, C_out, C_in, k, k]
+            weight = weight * rsqrt(sum_{i, k} weight^2 + eps)     # with demodulation
+            out = conv(x as [1, N * C_in, H, W], weight as [N * C_out, C_in, k, k], groups=N)
+
+        otherwise modulated activations through a plain conv layer,
+
             out = conv(x * style) * rsqrt(demodulation(style^2) + eps)   # demodulation [C_out, C_in]
 
-        with demodulation's weight sum_k (scale * weight[o, i, k])^2, i.e. sum_{i, k} of the
-        modulated weight squared, of the kept channels only; the FIR blur of an up- or downsampling
-        conv as gansparse's upfirdn2d."""
+        demodulation's weight being sum_k scaled_weight[o, i, k]^2; the FIR blur of an up- or
+        downsampling conv as gansparse's upfirdn2d."""
         if conv.modulation.activation:
             raise NotImplementedError(f"export: modulated conv '{node.target}' has an activation on its style")
         weight = _index(_index(conv.scale * conv.weight[0].detach(), 1, keep_in), 0, keep_out)  # [C_out, C_in, k, k]
-        c_out, c_in = weight.shape[:2]
         modulation = conv.modulation
         style_weight = modulation.weight.detach() * modulation.scale  # [C_in, style_dim]
         style_bias = modulation.bias.detach() * modulation.lr_mul
@@ -929,6 +934,48 @@ class _Rewriter:
             style_weight, style_bias = style_weight * input_mask[:, None], style_bias * input_mask
         container = nn.Module()
         container.modulation = _linear(_index(style_weight, 0, keep_in), _index(style_bias, 0, keep_in))
+        if conv.upsample or conv.downsample:
+            container.register_buffer("blur_kernel", conv.blur.kernel.detach().clone())
+        self.set_module(node.target, container)
+        x, style = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["style"]
+        with self.graph.inserting_before(node):
+            style = self.graph.call_module(f"{node.target}.modulation", (style,))
+            emit = self.fused_modulated_conv if conv.fused else self.unfused_modulated_conv
+            out = emit(node.target, container, conv, weight, x, style)
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+
+    def blur(self, target: str, conv: nn.Module, x: fx.Node) -> fx.Node:
+        kernel = self.graph.get_attr(f"{target}.blur_kernel")
+        return self.graph.call_function(upfirdn2d, (x, kernel), {"pad": tuple(conv.blur.pad)})
+
+    def fused_modulated_conv(self, target: str, container: nn.Module, conv: nn.Module, weight: torch.Tensor,
+                             x: fx.Node, style: fx.Node) -> fx.Node:
+        graph, (c_out, c_in) = self.graph, weight.shape[:2]
+        container.weight = nn.Parameter(weight[None])  # [1, C_out, C_in, k, k]
+        modulated = graph.call_function(operator.mul, (graph.get_attr(f"{target}.weight"), graph.call_method(
+            "view", (style, -1, 1, c_in, 1, 1))))  # [N, C_out, C_in, k, k]
+        if conv.demodulate:
+            power = graph.call_method("sum", (graph.call_method("pow", (modulated, 2)), [2, 3, 4]))  # [N, C_out]
+            demodulation = graph.call_function(torch.rsqrt, (graph.call_function(operator.add, (power, conv.eps)),))
+            modulated = graph.call_function(operator.mul, (modulated, graph.call_method(
+                "view", (demodulation, -1, c_out, 1, 1, 1))))
+        batch = graph.call_method("size", (x, 0))
+        x = graph.call_method("unsqueeze", (graph.call_method("flatten", (x, 0, 1)), 0))  # [1, N * C_in, H, W]
+        if conv.upsample:  # conv_transpose2d takes [C_in, C_out, k, k] per group
+            per_group = graph.call_method("flatten", (graph.call_method("transpose", (modulated, 1, 2)), 0, 1))
+            out = graph.call_function(F.conv_transpose2d, (x, per_group), {"stride": 2, "groups": batch})
+            out = self.blur(target, conv, out)
+        else:
+            x = self.blur(target, conv, x) if conv.downsample else x
+            stride, padding = (2, 0) if conv.downsample else (1, conv.padding)
+            out = graph.call_function(F.conv2d, (x, graph.call_method("flatten", (modulated, 0, 1))),
+                                      {"stride": stride, "padding": padding, "groups": batch})
+        return graph.call_method("squeeze", (graph.call_method("unflatten", (out, 1, (batch, c_out))), 0))
+
+    def unfused_modulated_conv(self, target: str, container: nn.Module, conv: nn.Module, weight: torch.Tensor,
+                               x: fx.Node, style: fx.Node) -> fx.Node:
+        graph, (c_out, c_in) = self.graph, weight.shape[:2]
         if conv.upsample:
             container.conv = _plain_weights(nn.ConvTranspose2d(c_in, c_out, conv.kernel_size, stride=2, bias=False),
                                             weight.transpose(0, 1))
@@ -936,30 +983,15 @@ class _Rewriter:
             stride, padding = (2, 0) if conv.downsample else (1, conv.padding)
             container.conv = _plain_weights(nn.Conv2d(c_in, c_out, conv.kernel_size, stride, padding, bias=False),
                                             weight)
+        out = graph.call_function(operator.mul, (x, graph.call_method("view", (style, -1, c_in, 1, 1))))
+        out = graph.call_module(f"{target}.conv", (self.blur(target, conv, out) if conv.downsample else out,))
+        out = self.blur(target, conv, out) if conv.upsample else out
         if conv.demodulate:
             container.demodulation = _linear(weight.square().sum([2, 3]), None)
-        if conv.upsample or conv.downsample:
-            container.register_buffer("blur_kernel", conv.blur.kernel.detach().clone())
-        self.set_module(node.target, container)
-        target, x, style = node.target, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["style"]
-
-        def blur(h):
-            kernel = self.graph.get_attr(f"{target}.blur_kernel")
-            return self.graph.call_function(upfirdn2d, (h, kernel), {"pad": tuple(conv.blur.pad)})
-
-        with self.graph.inserting_before(node):
-            style = self.graph.call_module(f"{target}.modulation", (style,))
-            h = self.graph.call_function(operator.mul, (x, self.graph.call_method("view", (style, -1, c_in, 1, 1))))
-            h = self.graph.call_module(f"{target}.conv", (blur(h) if conv.downsample else h,))
-            h = blur(h) if conv.upsample else h
-            if conv.demodulate:
-                power = self.graph.call_module(f"{target}.demodulation", (self.graph.call_method("square", (style,)),))
-                demodulation = self.graph.call_function(torch.rsqrt, (self.graph.call_function(
-                    operator.add, (power, conv.eps)),))
-                h = self.graph.call_function(operator.mul, (h, self.graph.call_method(
-                    "view", (demodulation, -1, c_out, 1, 1))))
-        node.replace_all_uses_with(h)
-        self.graph.erase_node(node)
+            power = graph.call_module(f"{target}.demodulation", (graph.call_method("square", (style,)),))
+            demodulation = graph.call_function(torch.rsqrt, (graph.call_function(operator.add, (power, conv.eps)),))
+            out = graph.call_function(operator.mul, (out, graph.call_method("view", (demodulation, -1, c_out, 1, 1))))
+        return out
 
     def channel_mask_node(self, node: fx.Node, scale, keep) -> None:
         """The mask alone: folded into the conv right before it when that conv feeds only the mask

@@ -297,10 +297,15 @@ def test_effective_macs_are_the_compact_generators_layer_by_layer():
     (The compact model's total also counts the per-sample modulation and demodulation, elementwise
     multiplies in plain layers, which the paper's count leaves out.)"""
     g = _random_masks_(_randomised(stylegan2.Generator(**SMALL_G, mask="hard")), 0.5)
+    for conv in g.modules():  # unfused: export then gives each modulated conv a plain conv layer
+        if isinstance(conv, stylegan2.ModulatedConv2d):
+            conv.fused = False
     z = torch.randn(2, 16)
     stats = gansparse.profile(g.exportable(), z, transposed="input")
+    compact_model = export.compact(g)
+    assert export.check_equivalence(g.exportable(), compact_model, z) <= 1e-5
     compact = {}
-    for row in gansparse.profile(export.compact(g), z, transposed="input")["layers"]:
+    for row in gansparse.profile(compact_model, z, transposed="input")["layers"]:
         compact[row["name"]] = compact.get(row["name"], 0) + row["macs"]
     rows = {row["name"]: row for row in stats["layers"]}
     # (row of the masked generator, the compact modulated conv): a StyledConv counts as its conv.
@@ -359,8 +364,7 @@ def test_export_removes_the_masked_channels_and_matches_the_masked_generator(spa
     for name, conv in zip(["conv1"] + [f"convs.{i}" for i in range(len(g.convs))], _styled_convs(g)):
         kept = int(conv.mask.keep().sum())
         plain = compact.get_submodule(f"generator.{name}.conv")
-        assert (plain.conv.in_channels, plain.conv.out_channels, plain.modulation.out_features) == (
-            kept_in, kept, kept_in)
+        assert plain.weight.shape[:3] == (1, kept, kept_in) and plain.modulation.out_features == kept_in
         assert compact.get_submodule(f"generator.{name}.activate").bias.numel() == kept
         kept_in = kept
     for j, to_rgb in enumerate(g.to_rgbs):
@@ -378,8 +382,10 @@ def test_export_removes_the_masked_channels_and_matches_the_masked_generator(spa
         assert torch.equal(export.load(path)(z), compact(z))
 
 
-@pytest.mark.parametrize("upsample, demodulate", [(False, True), (True, True), (False, False)])
-def test_export_of_a_modulated_conv_folds_its_input_mask(upsample, demodulate):
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("sampling, demodulate", [(dict(), True), (dict(upsample=True), True),
+                                                  (dict(downsample=True), True), (dict(), False)])
+def test_export_of_a_modulated_conv_folds_its_input_mask(sampling, demodulate, fused):
     """A modulated conv alone, input channels masked: they leave the conv, the modulation's rows and
     the demodulation; with demodulation, a zero input channel that is not masked stays in (it
     still counts in the demodulation)."""
@@ -390,7 +396,7 @@ def test_export_of_a_modulated_conv_folds_its_input_mask(upsample, demodulate):
             self.mask = HardMask(6, torch.tensor([1.0, 0, 1, 1, 0, 1]))
             self.zero = HardMask(6, torch.tensor([1.0, 1, 1, 0, 1, 1]))  # channel 3 is 0, not masked
             self.pre = nn.Conv2d(3, 6, 1)
-            self.conv = stylegan2.ModulatedConv2d(6, 4, 3, 8, demodulate=demodulate, upsample=upsample)
+            self.conv = stylegan2.ModulatedConv2d(6, 4, 3, 8, demodulate=demodulate, fused=fused, **sampling)
 
         def forward(self, x, w):
             x = self.pre(x) * self.zero().view(1, -1, 1, 1) * self.mask().view(1, -1, 1, 1)
@@ -401,9 +407,12 @@ def test_export_of_a_modulated_conv_folds_its_input_mask(upsample, demodulate):
     assert export.check_equivalence(model, compact, x, w) <= 1e-5
     kept = 4 if demodulate else 3
     conv = compact.get_submodule("conv")
-    assert conv.modulation.out_features == conv.conv.in_channels == kept
-    assert conv.conv.out_channels == 4 and compact.pre.out_channels == kept
-    assert hasattr(conv, "demodulation") == demodulate and (not demodulate or conv.demodulation.in_features == kept)
+    assert conv.modulation.out_features == compact.pre.out_channels == kept
+    if fused:
+        assert conv.weight.shape[1:3] == (4, kept)
+    else:
+        assert (conv.conv.in_channels, conv.conv.out_channels) == (kept, 4)
+        assert hasattr(conv, "demodulation") == demodulate and (not demodulate or conv.demodulation.in_features == kept)
 
 
 def test_export_of_the_discriminator_without_inputs():
