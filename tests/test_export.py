@@ -79,11 +79,12 @@ def test_resnet_generator(norm, sparsity):
                 stream, inner, inner, stream)
 
 
+@pytest.mark.parametrize("sparsity", [0.4, 0.7])
 @pytest.mark.parametrize("norm", ["batch", "instance"])
-def test_unet_generator_sigmoid_masks(norm, tmp_path):
+def test_unet_generator_sigmoid_masks(norm, sparsity, tmp_path):
     generator = torch.Generator().manual_seed(2)
     model = UnetGenerator(3, 2, num_downs=5, ngf=8, norm=norm, mask="sigmoid")
-    _set_masks(model, 0.4, generator)
+    _set_masks(model, sparsity, generator)
     _randomise_norms(model, generator)
     x = torch.randn(2, 3, 32, 32)
     compact = export.compact(model, x)
@@ -144,8 +145,8 @@ def test_other_zoo_generators(name, sparsity):
 
 
 def _zoo_models():
-    """Every model of the zoo but BigGAN's (whose example inputs its own tests cover), the
-    generators with masks."""
+    """Every model of the zoo but BigGAN's (its G and D get their example inputs with BigGAN's own
+    changes), the generators with masks."""
     from gansparse.models import MobileResnetGenerator, PixelDiscriminator, dcgan, sngan, stylegan2
 
     narrow = {4: 16, 8: 16, 16: 12, 32: 8}
