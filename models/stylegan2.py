@@ -25,7 +25,16 @@ the content-aware paper's released FLOPs count (45.1G for the 256px generator, w
 `transposed='input'`): each modulated conv as a conv with its weights given, plus its style
 linear; the linear and conv layers; the FIR filters, activations, noise and the per-sample weight
 (de)modulation are not counted (torchprofile does not count the reference's custom upfirdn2d and
-bias-act ops either).
+bias-act ops either). A masked generator's macs_effective stays in that convention; profiling
+the compact model export gives also counts the (de)modulation, multiplications of plain ops there.
+
+Export: gansparse.export.compact(G) traces G.exportable(), a FixedNoiseGenerator (z -> image with
+the noise buffers: forward's random style mixing cannot be traced), on z [N, style_dim] inputs
+(default that module's example_inputs(), one z). A masked channel leaves its StyledConv (the conv's output
+channel, its activation bias) and the layers reading it (the next modulated conv's and the ToRGB's
+input channel, with its row of their style linear and its term of their demodulation); the
+compact model calls gansparse's upfirdn2d and fused_leaky_relu, which export.load knows. The
+Discriminator compacts as it is (its minibatch standard deviation is one recorded call).
 """
 from __future__ import annotations
 
