@@ -207,7 +207,9 @@ class _Trainer:
         self.global_step = 0
         self.history: dict[str, list] = {}  # name -> [(global step, mean since the previous log line)]
         self.sparsity_history: dict[str, list] = {}  # mask name -> [(global step, sparsity)]
-        self.running: dict[str, float] = {}  # sums of the scalars to log since the last log line; '_count' steps
+        # name -> [sum, steps] of each scalar to log since the last log line (a part that does not
+        # update every step, e.g. a G with n_critic, logs its terms on its own steps only)
+        self.running: dict[str, list] = {}
         self.ema = None
 
     def close(self) -> None:
@@ -234,7 +236,9 @@ class _Trainer:
             self.ema = (AveragedModel(method.student(), multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]),
                                       use_buffers=True) if cfg["ema"] > 0 else None)
             optimizers = method.optimizers()
-            schedulers = {part: make_scheduler(opt, cfg, stage.steps) for part, opt in optimizers.items()}
+            # Each LR schedule runs over its own part's updates (a method may skip a part on some steps).
+            updates = {part: sum(method.updates(part, step) for step in range(stage.steps)) for part in optimizers}
+            schedulers = {part: make_scheduler(opt, cfg, max(1, updates[part])) for part, opt in optimizers.items()}
             first_step = 0
             if saved is not None:  # the stage the checkpoint was written in
                 self._restore(saved, optimizers, schedulers)
@@ -268,13 +272,19 @@ class _Trainer:
         for step in range(first_step, stage.steps):
             batch = next(batches)
             for part, optimizer in optimizers.items():
+                if not method.updates(part, step):
+                    continue
                 _train_only(method, optimizer)
                 optimizer.zero_grad(set_to_none=True)
+                logged = {}
                 for micro_batch in _split(batch, cfg["accumulation"]):
                     loss, logs = method.loss(part, micro_batch, step)
                     (loss / cfg["accumulation"]).backward()
                     for name, value in logs.items():
-                        self.running[name] = self.running.get(name, 0.0) + value / cfg["accumulation"]
+                        logged[name] = logged.get(name, 0.0) + value / cfg["accumulation"]
+                for name, value in logged.items():
+                    total, steps = self.running.get(name, (0.0, 0))
+                    self.running[name] = [total + value, steps + 1]
                 distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
                 optimizer.step()
                 schedulers[part].step()
@@ -283,7 +293,6 @@ class _Trainer:
                 self.ema.update_parameters(method.student())
             self.global_step += 1
             stage_step = step + 1
-            self.running["_count"] = self.running.get("_count", 0) + 1
             bar.update(1)
 
             done = stage_step == stage.steps or method.stage_done(step)
@@ -301,8 +310,7 @@ class _Trainer:
 
     def _log_step(self, stage, stage_step: int, schedulers: dict, bar: tqdm) -> None:
         """History, log.txt, TensorBoard and the progress bar: the means since the last log line."""
-        count = self.running.pop("_count")
-        means = distributed.mean_over_processes({name: total / count for name, total in self.running.items()})
+        means = distributed.mean_over_processes({name: total / steps for name, (total, steps) in self.running.items()})
         means.update({f"lr_{part}": scheduler.get_last_lr()[0] for part, scheduler in schedulers.items()})
         self.running = {}
         sparsity = self.method.sparsity()

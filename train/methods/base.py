@@ -3,6 +3,7 @@ losses and hooks. Methods never run their own loop.
 
 The loop, per step of each stage:
     for part, optimizer in method.optimizers().items():   # e.g. 'G' then 'D', in dict order
+        if not method.updates(part, step): continue        # e.g. G every n_critic steps only
         optimizer.zero_grad(set_to_none=True)
         for micro_batch in split(batch, accumulation):     # gradient accumulation
             loss, logs = method.loss(part, micro_batch, step)
@@ -68,6 +69,13 @@ class Method:
         raise NotImplementedError
 
     # --- training ---------------------------------------------------------------------------
+
+    def updates(self, part: str, step: int) -> bool:
+        """Whether `part` (an optimizer's name) is updated at `step` of the stage (e.g. a WGAN-GP
+        generator every n_critic steps only). A function of the part and step alone, so a resumed
+        run skips the same steps; each part's LR schedule runs over its own updates. Default: every
+        part, every step."""
+        return True
 
     def loss(self, part: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss to minimise for `part`'s optimizer, scalars to log) on one (micro-)batch."""
