@@ -33,14 +33,16 @@ additions and concatenations go together (a residual stream channel only when ev
 to it masks it; a depthwise conv's input and output channel together), and stay when a layer
 mixing channels reads them while they are not provably 0 (or, for a conv without zero padding or
 a linear layer, not provably constant: export folds those into the bias). A mask that scales kept
-channels of a norm without affine (a soft mask, or a stream channel zeroed here but kept by
-another block) becomes an affine, one MAC per element. So for the zoo's generators with any
-masks, macs_effective == profile(export.compact(model, *inputs), *inputs)['macs'] (BigGAN as
-biggan.exportable gives it). Not so where export rewrites ops rather than cutting them:
-StyleGAN2's modulated convs count here as the content-aware paper counts them (style linear and
-conv, layer by layer equal to the compact model's), while the compact model's plain layers also
-count the per-sample modulation and demodulation as multiplications; spectral norms counted in a
-model's forward are folded away by export. For the compact model's own count, profile it.
+channels by values other than 1 (a soft mask, or a stream channel zeroed here but kept by another
+block) costs one MAC per element where export cannot fold it into weights: after a norm without
+affine (it becomes the affine), alone after a layer that is not a conv feeding only it. So for
+the zoo's generators with binary or soft masks, macs_effective ==
+profile(export.compact(model, *inputs), *inputs)['macs'] (BigGAN as biggan.exportable gives it).
+Not so where export rewrites ops rather than cutting them: StyleGAN2's modulated convs count
+here as the content-aware paper counts them (style linear and conv, layer by layer equal to the
+compact model's), while the compact model's plain ops also count the per-sample modulation and
+demodulation as multiplications; spectral norms counted in a model's forward are folded away by
+export. For the compact model's own count, profile it.
 macs_effective is None when the masks are on 'meta'.
 """
 from __future__ import annotations
@@ -204,6 +206,8 @@ class _Track:
     slots: list[int]
     const: torch.Tensor   # bool [C]
     value: torch.Tensor   # [C], the value of a constant channel
+    from_conv: bool = False  # the output of a conv layer
+    reads: int = 0        # how many ops read it
 
     def zero(self) -> torch.Tensor:
         return self.const & (self.value == 0)
@@ -262,6 +266,7 @@ class _Channels:
         a linear layer), those that are not provably constant."""
         track = self.get(t)
         if track is not None:
+            track.reads += 1
             for slot, gone in zip(track.slots, (track.const if folds else track.zero()).tolist()):
                 if not gone:
                     self.pinned[self.find(slot)] = True
@@ -284,6 +289,8 @@ class _Channels:
         if not same:
             return self.new(out, zero)
         tracks = [self.get(t) or self.new(t) for t in same]
+        for track in tracks:
+            track.reads += 1
         value, uniform = _channel_state(out)
         const = uniform.cpu().clone()
         for track in tracks:
@@ -304,6 +311,8 @@ class _Channels:
 
     def concatenate(self, out: torch.Tensor, parts) -> None:
         tracks = [self.get(t) or self.new(t) for t in parts]
+        for track in tracks:
+            track.reads += 1
         self.tracks[id(out)] = _Track(out, [s for t in tracks for s in t.slots], torch.cat([t.const for t in tracks]),
                                       torch.cat([t.value for t in tracks]))
 
@@ -320,9 +329,11 @@ class _Part:
     and output channels, 'input' with the kept input channels (e.g. the style linear of a
     modulated conv, one style per input channel), 'depthwise' and 'channelwise' with the kept
     output channels, 'fixed' not.
-    'mask_scale': a mask after a norm without affine, free, unless it scales a channel that stays
-    by a value other than 1 (a soft mask; a residual stream channel this mask zeroes but another
-    block keeps), which export folds into the norm as an affine: then one MAC per kept element."""
+    'mask_scale': a mask after a norm without affine, or alone, free unless it scales a channel
+    that stays by a value other than 1 (a soft mask; a residual stream channel this mask zeroes but
+    another block keeps): export folds that scale into the norm as an affine, or, for a mask alone,
+    into the conv before it if that conv feeds only the mask (`folds`), else applies it as a
+    per-channel scale: one MAC per kept element."""
 
     output_side: int
     input_side: int
@@ -333,6 +344,7 @@ class _Part:
     channels_out: int = 1
     mask_values: torch.Tensor | None = None  # 'mask_scale': [C]
     scaled_macs: int = 0  # 'mask_scale': the MACs of the affine it becomes
+    folds: _Track | None = None  # 'mask_scale' of a mask alone: its input
 
     def effective(self, macs: int, channels: _Channels) -> int:
         if self.kind == "fixed":
@@ -340,7 +352,8 @@ class _Part:
         if self.kind == "mask_scale":
             macs = self.scaled_macs
             kept = [c for c, s in enumerate(self.slots_out) if channels.pinned[channels.find(s)]]
-            if not bool((self.mask_values[kept] != 1).any()):
+            if not bool((self.mask_values[kept] != 1).any()) or (
+                    self.folds is not None and self.folds.from_conv and self.folds.reads == 1):
                 return 0
         if self.kind == "input":
             return (macs * channels.kept(self.slots_in, self.channels_in) + self.channels_in // 2) // self.channels_in
@@ -430,10 +443,12 @@ class _Profiler(TorchFunctionMode):
                 row["parts"].append(_Part(output_side, input_side, kind, slots_in, _channels(x), slots_out,
                                           _channels(y)))
             mask = getattr(module, "mask", None)
-            if slots_out is not None and isinstance(module, _NORMS) and module.weight is None and \
-                    isinstance(mask, Mask):
+            alone = not (_conv_like(module) or isinstance(module, _NORMS) or hasattr(module, "profile_macs"))
+            if slots_out is not None and isinstance(mask, Mask) and (
+                    alone or isinstance(module, _NORMS) and module.weight is None):
                 row["parts"].append(_Part(0, 0, "mask_scale", None, 1, slots_out, _channels(y),
-                                          effective_mask_values(mask).cpu(), y.numel()))
+                                          effective_mask_values(mask).cpu(), y.numel(),
+                                          self.channels.get(x) if alone else None))
         self.fused_depth -= 1
 
     def _row(self, name: str, module: nn.Module, x, y) -> dict:
@@ -456,6 +471,7 @@ class _Profiler(TorchFunctionMode):
             self.channels.read(x, folds=conv is not None and _zero_padding_exact(conv))
             track_in = self.channels.get(x)
             track_out = self.channels.new(y, zero)
+            track_out.from_conv = conv is not None and (conv.groups == 1 or not conv.transposed)
         else:
             track_out = self.channels.per_channel(y, [x], zero=zero)
             track_in = track_out
@@ -480,8 +496,11 @@ class _Profiler(TorchFunctionMode):
             for t in inputs[1:]:
                 self.channels.read(t)
             if name in _CONTRACTIONS and isinstance(out, torch.Tensor) and out.dim() >= 2:
-                track_in = self.channels.get(args[0])
-                return (track_in.slots if track_in is not None else None), self.channels.new(out).slots
+                track_in, track_out = self.channels.get(args[0]), self.channels.new(out)
+                # A conv layer's output (export folds a mask after it into its weights).
+                track_out.from_conv = isinstance(self.stack[-1][1], nn.modules.conv._ConvNd) and (
+                    name.startswith("conv") and _argument(args, kwargs, 6, "groups", 1) == 1)
+                return (track_in.slots if track_in is not None else None), track_out.slots
         elif tracked or depthwise:
             multiplies = name in _MULS
             if depthwise:

@@ -14,6 +14,7 @@ from _reference_nets import randomise_
 from gansparse import MaskedConv2d, MaskedConvNormAct, export, profile, profile_table
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator
+from gansparse.models.norms import ChannelMask
 
 FULL_SIZE = {
     "resnet_9blocks": (lambda: ResnetGenerator(3, 3, 64, "instance", n_blocks=9), 11_378_179, 56_799_264_768),
@@ -120,45 +121,47 @@ def test_effective_macs_count_the_channels_masks_keep():
     assert profile(on_meta, torch.zeros(1, 3, 32, 32, device="meta"))["macs_effective"] is None
 
 
-def _zoo_generator(name: str):
-    """(masked generator, inputs), small; BigGAN as export takes it (spectral norms folded)."""
+def _zoo_generator(name: str, mask: str):
+    """(masked generator, inputs), small."""
     from gansparse.models import MobileResnetGenerator, biggan, dcgan, sngan
 
     image = (torch.randn(1, 3, 32, 32),)
     if name.startswith("resnet"):
-        norm, _, kind = name.removeprefix("resnet_").partition("_")
-        return ResnetGenerator(3, 3, 8, norm, n_blocks=3, mask=kind or "hard"), image
+        return ResnetGenerator(3, 3, 8, name.removeprefix("resnet_"), n_blocks=3, mask=mask), image
     if name == "unet":
-        return UnetGenerator(3, 3, 5, 8, "batch", mask="hard"), image
+        return UnetGenerator(3, 3, 5, 8, "batch", mask=mask), image
     if name == "mobile_resnet":
-        return MobileResnetGenerator(3, 3, 8, n_blocks=3, mask="hard"), image
+        return MobileResnetGenerator(3, 3, 8, n_blocks=3, mask=mask), image
     if name == "sngan":
-        return sngan.Generator(16, 16, mask="hard"), (torch.randn(2, 16),)
+        return sngan.Generator(16, 16, mask=mask), (torch.randn(2, 16),)
     if name == "dcgan":
-        return dcgan.Generator(16, 4, mask="hard"), (torch.randn(2, 16, 1, 1),)
+        return dcgan.Generator(16, 4, mask=mask), (torch.randn(2, 16, 1, 1),)
     g = biggan.Generator(G_ch=8, dim_z=16, shared_dim=8, resolution=32, G_attn="16", n_classes=5, hier=True,
-                         mask="hard")
+                         mask=mask)
     return g, (torch.randn(2, 16), g.shared(torch.tensor([1, 3])).detach())
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.7])
-@pytest.mark.parametrize("name", ["resnet_batch", "resnet_instance", "resnet_none", "resnet_instance_sigmoid", "unet",
-                                  "mobile_resnet", "sngan", "dcgan", "biggan"])
-def test_effective_macs_are_those_of_the_compact_model(name, sparsity):
+@pytest.mark.parametrize("mask", ["hard", "sigmoid"])
+@pytest.mark.parametrize("name", ["resnet_batch", "resnet_instance", "resnet_none", "unet", "mobile_resnet", "sngan",
+                                  "dcgan", "biggan"])
+def test_effective_macs_are_those_of_the_compact_model(name, mask, sparsity):
     """Residual streams (a channel goes when every block masks it), skip concatenations, depthwise
-    convs, constants folded, soft masks folded into affines: macs_effective is what the compact
-    model export gives counts. (StyleGAN2: layer by layer, see its tests.)"""
-    model, inputs = _zoo_generator(name)
+    convs, constants folded, soft masks folded into weights or affines: macs_effective is what the
+    compact model export gives counts. (StyleGAN2: layer by layer, see its tests.)"""
+    model, inputs = _zoo_generator(name, mask)
     generator = torch.Generator().manual_seed(int(sparsity * 10))
-    if name == "biggan":  # (randomise_ knows running_var, not BigGAN's stored_var)
-        from gansparse.models import biggan
-        model = biggan.exportable(random_hard_masks_(model, sparsity, generator))
-    elif name.endswith("sigmoid"):  # soft masks: kept channels at values in (0, 1), folded into affines
-        for _, mask in named_masks(randomise_(model)):
+    if name != "biggan":  # (randomise_ knows running_var, not BigGAN's stored_var)
+        randomise_(model)
+    if mask == "hard":
+        random_hard_masks_(model, sparsity, generator)
+    else:  # soft masks: the kept channels at values in (0, 1)
+        for _, soft in named_masks(model):
             with torch.no_grad():
-                mask.logits.copy_(torch.randn(mask.channels, generator=generator) - sparsity)
-    else:
-        random_hard_masks_(randomise_(model), sparsity, generator)
+                soft.logits.copy_(torch.randn(soft.channels, generator=generator) - sparsity)
+    if name == "biggan":  # as export takes it: spectral norms folded, the norms' masks alone
+        from gansparse.models import biggan
+        model = biggan.exportable(model)
     stats = profile(model, *inputs)
     compact = export.compact(model, *inputs)
     assert stats["macs_effective"] == profile(compact, *inputs)["macs"] < stats["macs"]
@@ -175,6 +178,33 @@ def test_effective_macs_through_a_masked_depthwise_conv():
     rows = profile(model, x)["layers"]
     assert [row["macs_effective"] / row["macs"] for row in rows] == [5 / 8, 5 / 8, 5 / 8]
     assert sum(row["macs_effective"] for row in rows) == profile(export.compact(model, x), x)["macs"]
+
+
+class _SoftMaskAlone(nn.Module):
+    """conv -> soft mask -> ReLU -> 1x1 conv; with `second_reader`, the conv's output read again."""
+
+    def __init__(self, second_reader: bool) -> None:
+        super().__init__()
+        self.conv, self.out, self.second_reader = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1), second_reader
+        self.mask = ChannelMask(8, mask="sigmoid")
+        with torch.no_grad():
+            self.mask.mask.logits.copy_(torch.linspace(-1, 1, 8))  # 4 channels kept at values in (0.5, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        out = self.out(torch.relu(self.mask(h)))
+        return out + h.mean(1, keepdim=True) if self.second_reader else out
+
+
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_effective_macs_of_a_soft_mask_alone(second_reader):
+    """Export folds the mask's values into the conv before it, unless another layer reads that
+    conv's output (here all its channels, so they all stay): then the mask stays, a per-channel
+    scale, one MAC per kept element."""
+    model, x = _SoftMaskAlone(second_reader).eval(), torch.randn(2, 3, 8, 8)
+    rows = {row["name"]: row for row in profile(model, x)["layers"]}
+    assert rows["mask"]["macs"] == 0 and rows["mask"]["macs_effective"] == (2 * 8 * 64 if second_reader else 0)
+    assert sum(row["macs_effective"] for row in rows.values()) == profile(export.compact(model, x), x)["macs"]
 
 
 def test_profile_table_lists_every_layer_and_the_total():
