@@ -252,6 +252,32 @@ _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
+def _rules(*groups: tuple[set | dict, str]) -> dict:
+    """{op: rule} from (ops, rule) groups; an op in two groups takes the first one's rule."""
+    table = {}
+    for ops, rule in reversed(groups):
+        table.update(dict.fromkeys(ops, rule))
+    return table
+
+
+# The rule (a method of _ChannelAnalysis) for each function or method a traced graph calls. Module
+# calls have theirs in _ChannelAnalysis._module; anything else is an op export does not see through.
+_FUNCTION_RULES = _rules(
+    (_POINTWISE_FUNCTIONS | _POINTWISE_METHODS, "_pointwise"),
+    (_BINARY, "_binary"),
+    (_CAT, "_cat"),
+    (_MATMUL, "_matmul"),
+    (_SOFTMAX, "_softmax"),
+    ({upfirdn2d}, "_fir_filter"),
+    ({fused_leaky_relu}, "_bias_act"),
+    ({F.pad}, "_pad_function"),
+    (_LAYOUT_FUNCTIONS | _LAYOUT_METHODS, "_layout"),
+)
+# And how _Rewriter rewrites the functions and methods whose arguments hold channel counts or
+# per-channel tensors (a method of _Rewriter).
+_FUNCTION_REWRITES = _rules((_SHAPE_METHODS | {torch.reshape}, "shape_node"), ({fused_leaky_relu}, "bias_act_node"))
+
+
 def _channel_state(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(value [C] of each channel at its first element, bool [C]: the channel holds one value),
     on the CPU."""
@@ -393,27 +419,8 @@ class _ChannelAnalysis(fx.Interpreter):
             if self.calls[n.target] > 1 and stateful:  # one set of weights cannot be cut two ways
                 return self._unknown(n, out)
             return self._module(n, module, out)
-        key = n.target
-        if key in _POINTWISE_FUNCTIONS or key in _POINTWISE_METHODS:
-            return self._pointwise(n, out)
-        if key in _BINARY:
-            return self._binary(n, out, _BINARY[key])
-        if key in _CAT:
-            return self._cat(n, out)
-        if key in _MATMUL:
-            return self._matmul(n, out)
-        if key in _SOFTMAX:
-            return self._softmax(n, out)
-        if key is upfirdn2d:
-            return self._fir_filter(n, out)
-        if key is fused_leaky_relu:
-            return self._bias_act(n, out)
-        if key is F.pad:
-            return self._pad(n, out, self.args_now[1], self._arg(n, "mode", 2, "constant"),
-                             self._arg(n, "value", 3, None) or 0.0)
-        if key in _LAYOUT_FUNCTIONS or key in _LAYOUT_METHODS:
-            return self._layout(n, out)
-        return self._unknown(n, out)
+        rule = _FUNCTION_RULES.get(n.target)
+        return getattr(self, rule)(n, out) if rule is not None else self._unknown(n, out)
 
     @staticmethod
     def _condition(n: fx.Node):
@@ -552,6 +559,10 @@ class _ChannelAnalysis(fx.Interpreter):
             return self._unknown(n, out)
         return self._same(flow, flow.const)
 
+    def _pad_function(self, n: fx.Node, out) -> _Flow | None:
+        return self._pad(n, out, self.args_now[1], self._arg(n, "mode", 2, "constant"),
+                         self._arg(n, "value", 3, None) or 0.0)
+
     def _pad(self, n: fx.Node, out, pad, mode: str, value: float) -> _Flow | None:
         arg, flow = self._input(n)
         if flow is None:
@@ -564,7 +575,8 @@ class _ChannelAnalysis(fx.Interpreter):
         values, uniform = self.states[arg]
         return self._same(flow, flow.const & uniform & (values == value))
 
-    def _binary(self, n: fx.Node, out, op: str) -> _Flow | None:
+    def _binary(self, n: fx.Node, out) -> _Flow | None:
+        op = _BINARY[n.target]
         operands = list(n.args[:2])
         tracked = [(a, self.flows[a]) for a in operands if isinstance(a, fx.Node) and self.flows.get(a) is not None]
         if not tracked:
@@ -856,10 +868,8 @@ class _Rewriter:
         for node in list(self.graph.nodes):
             if node.op == "call_module":
                 self.module_node(node, self.gm.get_submodule(node.target), *kept[node])
-            elif node.op in ("call_method", "call_function") and node.target in (_SHAPE_METHODS | {torch.reshape}):
-                self.shape_node(node)
-            elif node.op == "call_function" and node.target is fused_leaky_relu:
-                self.cut_attribute(node.args[1] if len(node.args) > 1 else node.kwargs.get("bias"), self.keep(node))
+            elif node.op in ("call_method", "call_function") and node.target in _FUNCTION_REWRITES:
+                getattr(self, _FUNCTION_REWRITES[node.target])(node)
         for node in list(self.graph.nodes):  # e.g. the masks a modulated conv folded
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
@@ -892,6 +902,10 @@ class _Rewriter:
             self.set_module(node.target, self.plain_linear(module, keep_in, keep_out, input_values))
         elif isinstance(module, _zoo_leaves()):
             self.modulated_conv_node(node, module, keep_in, keep_out)
+
+    def bias_act_node(self, node: fx.Node) -> None:
+        """fused_leaky_relu's bias, cut to the kept channels."""
+        self.cut_attribute(node.args[1] if len(node.args) > 1 else node.kwargs.get("bias"), self.keep(node))
 
     def cut_attribute(self, node: fx.Node | None, keep) -> None:
         """The per-channel tensor a get_attr node reads, cut to the kept channels in place (the
