@@ -3,9 +3,11 @@ reference implementation does. Option `model` picks the base GAN (train/objectiv
 and 'pix2pix' as junyanz's pytorch-CycleGAN-and-pix2pix, and the others registered there.
 
 Every step updates the generators, then the discriminators, with Adam(lr, (beta1, beta2)) and
-Adam(lr_D or lr, (beta1, beta2)). G's loss is the sum of the objective's generator terms, D's the
-sum of its discriminator terms on the fakes of the same micro-batch (through the objective's history
-pool, if it has one).
+Adam(lr_D or lr, (beta1, beta2)); a base GAN with n_critic > 1 (StarGAN) updates its generators on
+every n_critic-th step only, after n_critic discriminator updates, as its reference does. G's loss
+is the sum of the objective's generator terms, D's the sum of its discriminator terms on the fakes
+of the same micro-batch (through the objective's history pool, if it has one), or on fresh fakes
+where G is not updated.
 """
 from __future__ import annotations
 
@@ -63,6 +65,26 @@ class Dense(Method):
                             batch_size=2048, accumulation=8, steps=150_000, lr=1e-4, lr_D=4e-4, beta1=0.0, beta2=0.999,
                             lr_policy="constant", ema=0.9999, checkpoint_every=2000, sample_every=2000,
                             log_every=100),
+        # Tiny DCGAN on the synthetic unconditional set (64x64, the networks' only size).
+        "smoke_dcgan": dict(model="dcgan", nz=16, ngf=8, ndf=8, crop_size=64, load_size=64, preprocess="none",
+                            steps=200, batch_size=8, lr=2e-4, beta1=0.5, lr_policy="constant", log_every=10,
+                            sample_every=100, checkpoint_every=100, eval_size=32),
+        # DCGAN on MNIST as the PyTorch example trains it: 64x64, batch 128, 25 epochs of 469 batches,
+        # Adam(2e-4, (0.5, 0.999)), no decay, no flips; the data path is the user's --dataroot.
+        "mnist": dict(model="dcgan", nz=100, ngf=64, ndf=64, crop_size=64, load_size=64, no_flip=True,
+                      steps=25 * 469, batch_size=128, lr=2e-4, beta1=0.5, lr_policy="constant"),
+        # Tiny StarGAN on the synthetic class-conditional set (4 domains) at 32x32.
+        "smoke_stargan": dict(model="stargan", g_conv_dim=8, d_conv_dim=8, g_repeat_num=2, d_repeat_num=3,
+                              crop_size=32, load_size=32, preprocess="none", num_classes=4, n_critic=5, steps=200,
+                              batch_size=4, lr=1e-4, beta1=0.5, log_every=10, sample_every=100, checkpoint_every=100,
+                              eval_size=32),
+        # StarGAN on RaFD's 8 expressions (one class folder each) as the official code trains it:
+        # 128x128, batch 16, 200k iterations with n_critic 5, Adam(1e-4, (0.5, 0.999)) decaying
+        # linearly over the second half; the data path is the user's --dataroot.
+        "rafd": dict(model="stargan", crop_size=128, load_size=128, preprocess="scale_width_and_crop",
+                     num_classes=8, batch_size=16, steps=200_000, lr=1e-4, beta1=0.5, beta2=0.999,
+                     lr_policy="linear", decay_start=0.5, checkpoint_every=10_000, sample_every=1000,
+                     log_every=100),
     }
 
     def __init__(self, cfg: dict, device: torch.device) -> None:
@@ -108,16 +130,27 @@ class Dense(Method):
 
     # --- losses ---------------------------------------------------------------------------------
 
+    def updates(self, part: str, step: int) -> bool:
+        """The generators on every n_critic-th step of the base GAN (the last of each n_critic),
+        everything else on every step."""
+        return part != "G" or (step + 1) % self.objective.n_critic == 0
+
     def loss(self, part: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if part == "G":
             batch = self.prepare(batch)
             terms, fakes = self.objective.generator_terms(self.nets, batch)
             self._fakes.append((batch, {g: fake.detach() for g, fake in fakes.items()}))
         elif part == "D":
-            if not self._fakes:
+            if self._fakes:
+                batch, fakes = self._fakes.popleft()
+            elif not self.updates("G", step):
+                batch = self.prepare(batch)
+                with torch.no_grad():
+                    fakes = {g: self.nets[g](*self.objective.generator_inputs(batch, g))
+                             for g in self.objective.generators()}
+            else:
                 raise RuntimeError(f"{self.name}: the D loss judges the fakes of the G loss on the same batch; "
                                    "call loss('G', batch, step) first")
-            batch, fakes = self._fakes.popleft()
             terms = self.objective.discriminator_terms(self.nets, batch, self.objective.pool(fakes))
         else:
             raise ValueError(f"part must be 'G' or 'D', got {part!r}")
@@ -130,6 +163,12 @@ class Dense(Method):
 
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
         return self.objective.example_inputs(batch)
+
+    def input_image(self, batch: dict) -> torch.Tensor | None:
+        return self.objective.input_image(batch)
+
+    def target_key(self) -> str | None:
+        return self.objective.target_key
 
     def generate(self, batch: dict, net: nn.Module | None = None) -> torch.Tensor:
         # In the nets' current mode: pix2pix is evaluated with batch statistics and dropout, as

@@ -49,7 +49,7 @@ from .dense import Dense
 __all__ = ["SelfSup", "consistency_loss", "sparse_student"]
 
 #: the paper's tasks; each preset is the dense preset with a tenth of its steps
-PAPER_TASKS = ("horse2zebra", "summer2winter", "edges2shoes", "cityscapes")
+PAPER_TASKS = ("horse2zebra", "summer2winter", "edges2shoes", "cityscapes", "mnist", "rafd")
 
 
 @register
@@ -74,6 +74,16 @@ class SelfSup(Dense):
                               pool_size=0, ngf=16, ndf=16, crop_size=32, load_size=32, preprocess="none", steps=60,
                               batch_size=4, prune_frequency=5, log_every=10, sample_every=100, checkpoint_every=30,
                               eval_size=32),
+        # Tiny DCGAN on the synthetic unconditional set (a smoke_dcgan teacher).
+        "smoke_dcgan": dict(model="dcgan", nz=16, ngf=8, ndf=8, crop_size=64, load_size=64, preprocess="none",
+                            steps=60, batch_size=8, lr=2e-4, beta1=0.5, lr_policy="constant", prune_frequency=5,
+                            log_every=10, sample_every=100, checkpoint_every=30, eval_size=32),
+        # Tiny StarGAN on the synthetic class-conditional set (a smoke_stargan teacher); G is
+        # updated every 5th step (n_critic), the pruning schedule runs over every step.
+        "smoke_stargan": dict(model="stargan", g_conv_dim=8, d_conv_dim=8, g_repeat_num=2, d_repeat_num=3,
+                              crop_size=32, load_size=32, preprocess="none", num_classes=4, n_critic=5, steps=60,
+                              batch_size=4, lr=1e-4, beta1=0.5, prune_frequency=5, log_every=10, sample_every=100,
+                              checkpoint_every=30, eval_size=32),
         **{task: dict(Dense.presets[task], steps=Dense.presets[task]["steps"] // 10) for task in PAPER_TASKS},
     }
 
