@@ -419,20 +419,21 @@ def _side_effect_free(method):
 
 @torch.no_grad()
 def _sample_grid(method, batch: dict) -> tuple[torch.Tensor, int]:
-    """(images [N * columns, C, H, W] in [-1, 1], columns): per sample, its input (if any), the
-    student's output, the teacher's (if any) on the same input and draws, and the target (paired
-    data)."""
+    """(images [N * columns, C, H, W] in [-1, 1], columns): per sample, its input as an image (if
+    any), the student's output, the teacher's (if any) on the same input and draws, and the
+    ground truth (if any)."""
     # Its own draws (e.g. latents) are the same at every step, so the grids show the progress.
     with _side_effect_free(method):
         torch.manual_seed(0)
         batch = method.prepare(batch)
-        columns = [batch["A"]] if "A" in batch else []
+        shown_input, target_key = method.input_image(batch), method.target_key()
+        columns = [] if shown_input is None else [shown_input]
         columns.append(method.generate(batch))
         teacher = method.teacher()
         if teacher is not None:
             columns.append(method.generate(batch, teacher))
-        if method.data_kind == "paired":
-            columns.append(batch["B"])
+        if target_key is not None:
+            columns.append(batch[target_key])
     columns = [c.detach().float().cpu().clamp(-1, 1) for c in columns]
     return torch.stack(columns, 1).flatten(0, 1), len(columns)
 
@@ -459,10 +460,10 @@ def evaluate(method, cfg: dict, log: _Log) -> dict:
     has none): params, MACs and CPU latency at batch 1 and the preset's resolution (the shapes in
     'input_shapes'), with latency_threads threads (gansparse.metrics.model_cost). With cfg['eval'], quality on the first
     eval_size items of the test split (gansparse.metrics.evaluate_generator) in 'metrics' for the
-    student and teacher['metrics'] for the teacher: PSNR and SSIM against the ground truth of
-    paired data, L1 / PSNR / SSIM / LPIPS of the student against the teacher's outputs, FID / IS /
-    KID against the real target images. Measures whose weights are missing are left out, with one
-    warning naming the file."""
+    student and teacher['metrics'] for the teacher: PSNR and SSIM against the ground truth
+    (method.target_key(), e.g. paired data's), L1 / PSNR / SSIM / LPIPS of the student against
+    the teacher's outputs, FID / IS / KID against the real target images. Measures whose weights
+    are missing are left out, with one warning naming the file."""
     teacher = method.teacher()
     inputs = tuple(x.cpu() for x in method.example_inputs(1))
     threads = cfg["latency_threads"]
@@ -475,7 +476,7 @@ def evaluate(method, cfg: dict, log: _Log) -> dict:
         count = min(cfg["eval_size"], len(dataset))
         batches = [default_collate([dataset[i] for i in range(start, min(start + cfg["batch_size"], count))])
                    for start in range(0, count, cfg["batch_size"])]
-        options = dict(target_key="B" if method.data_kind == "paired" else None,
+        options = dict(target_key=method.target_key(),
                        real_key="B" if "B" in batches[0] else "image", lpips=cfg["eval_lpips"],
                        fidelity=cfg["eval_fidelity"])
         run_teacher = (lambda batch: method.generate(batch, teacher)) if teacher is not None else None

@@ -55,7 +55,7 @@ def load_teacher(cfg: dict, device: torch.device, names: tuple[str, ...] | None 
             if file is None:
                 raise FileNotFoundError(f"teacher checkpoint {' or '.join(str(path / c) for c in candidates)} "
                                         f"is missing")
-            state[name] = torch.load(file, map_location="cpu", weights_only=True)
+            state[name] = objective.unwrap_reference(name, torch.load(file, map_location="cpu", weights_only=True))
     nets = {}
     for name in names:
         if not state.get(name):

@@ -110,6 +110,16 @@ class Method:
         The loop prepares a batch once before comparing student and teacher on it."""
         return batch
 
+    def input_image(self, batch: dict) -> torch.Tensor | None:
+        """The student's input on a prepared batch as an image of its output's size, shown in
+        sample grids; None when it has none."""
+        return None
+
+    def target_key(self) -> str | None:
+        """The batch key of the ground truth of the student's outputs: sample grids show it and the
+        evaluation measures PSNR and SSIM against it; None when the data has none."""
+        return None
+
     def generate(self, batch: dict, net: nn.Module | None = None) -> torch.Tensor:
         """Outputs of `net` (default: the student; e.g. the teacher) on a data batch, images in
         [-1, 1], for sample grids and metrics."""
