@@ -273,6 +273,26 @@ _FUNCTION_RULES = _rules(
     ({F.pad}, "_pad_function"),
     (_LAYOUT_FUNCTIONS | _LAYOUT_METHODS, "_layout"),
 )
+
+
+@functools.cache
+def _module_rules() -> tuple[tuple[tuple[type, ...], str], ...]:
+    """The rule (a method of _ChannelAnalysis) for each kind of module a traced graph calls, the
+    first that matches (a tuple, as the zoo's types are imported late)."""
+    return (
+        ((nn.Conv2d, nn.ConvTranspose2d, MaskedConvNormAct), "_conv"),
+        ((nn.Linear,), "_linear"),
+        ((ConditionalBatchNorm2d,), "_conditional_norm"),
+        (_masked_norm_types(), "_masked_norm"),
+        ((nn.ConstantPad2d,), "_constant_pad"),  # includes nn.ZeroPad2d
+        ((nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d), "_reflection_pad"),
+        (_POINTWISE_MODULES, "_pointwise"),
+        ((nn.Softmax,), "_softmax"),
+        (_LAYOUT_MODULES, "_layout"),
+        (_zoo_leaves(), "_modulated_conv"),
+    )
+
+
 # And how _Rewriter rewrites the functions and methods whose arguments hold channel counts or
 # per-channel tensors (a method of _Rewriter).
 _FUNCTION_REWRITES = _rules((_SHAPE_METHODS | {torch.reshape}, "shape_node"), ({fused_leaky_relu}, "bias_act_node"))
@@ -433,48 +453,59 @@ class _ChannelAnalysis(fx.Interpreter):
         return self.args_now[position] if position < len(self.args_now) else default
 
     def _module(self, n: fx.Node, module: nn.Module, out) -> _Flow | None:
-        arg, flow = self._input(n)
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, MaskedConvNormAct)):
-            conv = module.conv if isinstance(module, MaskedConvNormAct) else module
-            if conv.groups == conv.in_channels == conv.out_channels and not isinstance(module, MaskedConvNormAct):
-                return self._depthwise(n, conv, out)
-            if conv.groups != 1:
-                return self._unknown(n, out)
-            conditional = isinstance(getattr(module, "norm", None), ConditionalBatchNorm2d)
-            if conditional:
-                self.pin(self.flows.get(self._condition(n)))
-            exact = _zero_padding_exact(conv)
-            self._consume(n, arg, flow, lambda v: (v == 0) | exact)
-            # A filter of zeros outputs its bias everywhere (e.g. a filter pruned in a SparseConv2d),
-            # a constant unless a per-sample affine follows.
-            out_dim = 1 if conv.transposed else 0
-            zero_filters = (_conv_weight(conv) == 0).transpose(0, out_dim).flatten(1).all(1).cpu() & (not conditional)
-            return self._new(1, out.shape[1], zero_filters | self._mask_zero(module, out.shape[1]))
-        if isinstance(module, nn.Linear):
-            if flow is not None and flow.axis != out.dim() - 1:
-                self.pin(flow)
-            else:
-                self._consume(n, arg, flow, lambda v: torch.ones_like(v, dtype=torch.bool))
-            return self._new(out.dim() - 1, out.shape[-1])
-        if isinstance(module, ConditionalBatchNorm2d):
-            self.pin(self.flows.get(self._condition(n)))
-            # Its affine is per sample: a constant channel is no longer one value across samples.
-            return self._same(flow, torch.zeros_like(flow.const)) if flow is not None else None
-        if isinstance(module, _masked_norm_types()):
-            return self._same(flow, flow.const | self._mask_zero(module, len(flow.slots))) if flow is not None else None
-        if isinstance(module, nn.ConstantPad2d):  # includes nn.ZeroPad2d
-            return self._pad(n, out, module.padding, "constant", module.value)
-        if isinstance(module, (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
-            return self._pad(n, out, module.padding, "reflect", None)
-        if isinstance(module, _POINTWISE_MODULES):
-            return self._pointwise(n, out)
-        if isinstance(module, nn.Softmax):
-            return self._softmax(n, out)
-        if isinstance(module, _LAYOUT_MODULES):
-            return self._layout(n, out)
-        if isinstance(module, _zoo_leaves()):
-            return self._modulated_conv(n, module, out)
+        for types, rule in _module_rules():
+            if isinstance(module, types):
+                return getattr(self, rule)(n, out)
         return self._unknown(n, out)
+
+    def _called(self, n: fx.Node) -> nn.Module:
+        return self.module.get_submodule(n.target)
+
+    def _conv(self, n: fx.Node, out) -> _Flow | None:
+        module = self._called(n)
+        arg, flow = self._input(n)
+        conv = module.conv if isinstance(module, MaskedConvNormAct) else module
+        if conv.groups == conv.in_channels == conv.out_channels and not isinstance(module, MaskedConvNormAct):
+            return self._depthwise(n, conv, out)
+        if conv.groups != 1:
+            return self._unknown(n, out)
+        conditional = isinstance(getattr(module, "norm", None), ConditionalBatchNorm2d)
+        if conditional:
+            self.pin(self.flows.get(self._condition(n)))
+        exact = _zero_padding_exact(conv)
+        self._consume(n, arg, flow, lambda v: (v == 0) | exact)
+        # A filter of zeros outputs its bias everywhere (e.g. a filter pruned in a SparseConv2d),
+        # a constant unless a per-sample affine follows.
+        out_dim = 1 if conv.transposed else 0
+        zero_filters = (_conv_weight(conv) == 0).transpose(0, out_dim).flatten(1).all(1).cpu() & (not conditional)
+        return self._new(1, out.shape[1], zero_filters | self._mask_zero(module, out.shape[1]))
+
+    def _linear(self, n: fx.Node, out) -> _Flow:
+        arg, flow = self._input(n)
+        if flow is not None and flow.axis != out.dim() - 1:
+            self.pin(flow)
+        else:
+            self._consume(n, arg, flow, lambda v: torch.ones_like(v, dtype=torch.bool))
+        return self._new(out.dim() - 1, out.shape[-1])
+
+    def _conditional_norm(self, n: fx.Node, out) -> _Flow | None:
+        self.pin(self.flows.get(self._condition(n)))
+        # Its affine is per sample: a constant channel is no longer one value across samples.
+        _, flow = self._input(n)
+        return self._same(flow, torch.zeros_like(flow.const)) if flow is not None else None
+
+    def _masked_norm(self, n: fx.Node, out) -> _Flow | None:
+        _, flow = self._input(n)
+        if flow is None:
+            return None
+        return self._same(flow, flow.const | self._mask_zero(self._called(n), len(flow.slots)))
+
+    def _constant_pad(self, n: fx.Node, out) -> _Flow | None:
+        module = self._called(n)
+        return self._pad(n, out, module.padding, "constant", module.value)
+
+    def _reflection_pad(self, n: fx.Node, out) -> _Flow | None:
+        return self._pad(n, out, self._called(n).padding, "reflect", None)
 
     def _mask(self, n: fx.Node, mask: Mask) -> _Flow:
         """A mask read by the model (e.g. to multiply a tensor by it): a constant [C] whose channel c
@@ -483,10 +514,11 @@ class _ChannelAnalysis(fx.Interpreter):
             self.mask_flows[n.target] = self._new(0, mask.channels, torch.ones(mask.channels, dtype=torch.bool))
         return self.mask_flows[n.target]
 
-    def _modulated_conv(self, n: fx.Node, conv: nn.Module, out) -> _Flow:
+    def _modulated_conv(self, n: fx.Node, out) -> _Flow:
         """StyleGAN2's modulated conv (x, style, input_mask): input channel c goes when its style is
         0 (input_mask[c] == 0), which takes it out of the conv and of the demodulation alike, or,
         without demodulation, when x[c] is 0. input_mask[c] and x[c] are the same channel."""
+        conv = self._called(n)
         arg, flow = self._input(n)
         style = n.args[1] if len(n.args) > 1 else n.kwargs.get("style")
         self.pin(self.flows.get(style))
@@ -639,7 +671,7 @@ class _ChannelAnalysis(fx.Interpreter):
         arg, flow = self._input(n)
         if flow is None:
             return None
-        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        module = self._called(n) if n.op == "call_module" else None
         dim = module.dim if module is not None else self._arg(n, "dim", 1, None)
         if dim is None or dim % out.dim() == flow.axis:
             return self._unknown(n, out)
