@@ -170,12 +170,6 @@ class Dense(Method):
     def target_key(self) -> str | None:
         return self.objective.target_key
 
-    def input_image(self, batch: dict) -> torch.Tensor | None:
-        return self.objective.input_image(batch)
-
-    def target_key(self) -> str | None:
-        return self.objective.target_key
-
     def generate(self, batch: dict, net: nn.Module | None = None) -> torch.Tensor:
         # In the nets' current mode: pix2pix is evaluated with batch statistics and dropout, as
         # its paper does.

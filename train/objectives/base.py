@@ -56,11 +56,6 @@ class Objective:
         (train.teacher), for references that save it inside a dict of their own."""
         return state
 
-    def unwrap_reference(self, name: str, state: dict) -> dict:
-        """The state_dict of network `name` in the loaded content of its reference checkpoint file
-        (train.teacher), for references that save it inside a dict of their own."""
-        return state
-
     def generators(self) -> list[str]:
         return [g for g, _ in self.directions]
 
@@ -80,17 +75,6 @@ class Objective:
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
         """Inputs of G at the run's resolution, on the device (profiling, latency, export)."""
         raise NotImplementedError
-
-    def input_image(self, batch: dict) -> torch.Tensor | None:
-        """G's input on a prepared batch as an image of its output's size, shown beside the output
-        in sample grids (an image-to-image model's 'A'); None when G's input is no image."""
-        return batch.get("A")
-
-    @property
-    def target_key(self) -> str | None:
-        """The batch key of the ground truth of G's output (paired data's 'B'), or None: sample grids
-        show it and the evaluation measures PSNR and SSIM against it."""
-        return "B" if self.data_kind == "paired" else None
 
     def input_image(self, batch: dict) -> torch.Tensor | None:
         """G's input on a prepared batch as an image of its output's size, shown beside the output
