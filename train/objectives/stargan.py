@@ -13,9 +13,10 @@ Terms, each with its weight (the official lambda_cls, lambda_rec, lambda_gp):
 - D: 'D_real' -mean D_src(x); 'D_fake' mean D_src(fake); 'D_cls' lambda_cls * CE(D_cls(x), org);
   'D_gp' lambda_gp * mean (||grad D_src(x_hat)||_2 - 1)^2 at x_hat = a x + (1 - a) fake.
 The penalty is differentiable in the fakes (the official code detaches them, which changes nothing
-for D's update, whose fakes are detached anyway), so the penalty term of L_DC (Eq. 8) trains the
-compressed generator. The generator is updated every n_critic steps, after n_critic updates of D
-(train.methods.Dense.updates).
+for D's update, whose fakes are detached anyway), so the penalty term of L_DC (Eq. 8) can train the
+compressed generator; with StarGAN's piecewise-linear D its input gradient is locally constant, so
+that term's gradient in the images is zero almost everywhere and it only enters L_DC's value. The
+generator is updated every n_critic steps, after n_critic updates of D (train.methods.Dense.updates).
 """
 from __future__ import annotations
 
