@@ -50,6 +50,7 @@ from torch import nn
 from gansparse.functional import fused_leaky_relu, upfirdn2d
 from gansparse.masks import as_mask
 
+from .dcgan import check_latent
 from .pix2pix import _example_image
 
 # torch.fx (gansparse.export traces with it) records gansparse's ops as calls instead of tracing
@@ -483,6 +484,7 @@ class FixedNoiseGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         g = self.generator
+        check_latent(z, (g.style_dim,))
         latent = g.style(z).unsqueeze(1).repeat(1, g.n_latent, 1)  # [N, n_latent, style_dim]
         return g.synthesize(latent, [getattr(g.noises, f"noise_{i}") for i in range(g.num_layers)])
 

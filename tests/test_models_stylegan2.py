@@ -283,6 +283,8 @@ def test_load_rosinality_checkpoint_refuses_pickled_code_and_names_a_missing_fil
     (lambda: stylegan2.Discriminator(2048), ValueError, "size must be a power of two"),
     (lambda: stylegan2.Generator(**SMALL_G)(torch.randn(2, 16)), TypeError, "styles must be a list"),
     (lambda: stylegan2.Generator(**SMALL_G)([torch.randn(2, 16)], noise=[None]), ValueError, "noise must hold 7"),
+    (lambda: stylegan2.Generator(**SMALL_G).exportable()([torch.randn(2, 16)]), ValueError,
+     r"z must be a tensor \[N, 16\], got list"),
     (lambda: stylegan2.Discriminator(16, channels=NARROW)(torch.randn(6, 3, 16, 16)), ValueError,
      "must be a multiple of the stddev group"),
 ])
