@@ -492,11 +492,13 @@ class _Profiler(TorchFunctionMode):
             # As export: a linear layer, or a conv without zero padding, folds a constant input channel.
             folds = name == "linear" or (name.startswith("conv") and not name.startswith("conv_transpose") and
                                          _argument(args, kwargs, 4, "padding", 0) in (0, (0, 0), "valid"))
-            self.channels.read(args[0], folds)
-            for t in inputs[1:]:
-                self.channels.read(t)
+            first = args[0] if args else None
+            self.channels.read(first, folds)
+            for t in inputs:
+                if t is not first:
+                    self.channels.read(t)
             if name in _CONTRACTIONS and isinstance(out, torch.Tensor) and out.dim() >= 2:
-                track_in, track_out = self.channels.get(args[0]), self.channels.new(out)
+                track_in, track_out = self.channels.get(first), self.channels.new(out)
                 # A conv layer's output (export folds a mask after it into its weights).
                 track_out.from_conv = isinstance(self.stack[-1][1], nn.modules.conv._ConvNd) and (
                     name.startswith("conv") and _argument(args, kwargs, 6, "groups", 1) == 1)
