@@ -86,11 +86,12 @@ class Dense(Method):
                      lr_policy="linear", decay_start=0.5, checkpoint_every=10_000, sample_every=1000,
                      log_every=100),
         # Tiny SRGAN x4 on the synthetic unconditional set: 32x32 HR crops (8x8 LR), no perceptual
-        # term, so it needs no VGG19 weights.
+        # term (it needs no VGG19 weights) and pixel weight 1 (BasicSR's 1e-2 expects a G pretrained
+        # with L1 and the perceptual term to hold it).
         "smoke_srgan": dict(model="srgan", num_feat=16, num_block=4, num_feat_D=16, crop_size=32, load_size=32,
-                            preprocess="none", percep_weight=0.0, steps=300, batch_size=4, lr=1e-4, beta1=0.9,
-                            beta2=0.99, lr_policy="constant", log_every=10, sample_every=100, checkpoint_every=100,
-                            eval_size=32),
+                            preprocess="none", pixel_weight=1.0, percep_weight=0.0, steps=300, batch_size=4,
+                            lr=1e-4, beta1=0.9, beta2=0.99, lr_policy="constant", log_every=10, sample_every=100,
+                            checkpoint_every=100, eval_size=32),
         # SRGAN x4 on DIV2K's HR images as BasicSR's train_MSRGAN_x4.yml trains it: 128x128 crops, batch
         # 16, 400k iterations, Adam(1e-4, (0.9, 0.99)) for G and D, EMA 0.999 of G. BasicSR halves the LR
         # at 50k, 100k, 200k and 300k; 'step' halves it every 100k (no 50k step), and flips only (no

@@ -84,11 +84,11 @@ class SelfSup(Dense):
                               crop_size=32, load_size=32, preprocess="none", num_classes=4, n_critic=5, steps=60,
                               batch_size=4, lr=1e-4, beta1=0.5, prune_frequency=5, log_every=10, sample_every=100,
                               checkpoint_every=30, eval_size=32),
-        # Tiny SRGAN x4 on the synthetic unconditional set (a smoke_srgan teacher), no perceptual term.
+        # Tiny SRGAN x4 on the synthetic unconditional set (a smoke_srgan teacher), its weights.
         "smoke_srgan": dict(model="srgan", num_feat=16, num_block=4, num_feat_D=16, crop_size=32, load_size=32,
-                            preprocess="none", percep_weight=0.0, steps=60, batch_size=4, lr=1e-4, beta1=0.9,
-                            beta2=0.99, lr_policy="constant", prune_frequency=5, log_every=10, sample_every=100,
-                            checkpoint_every=30, eval_size=32),
+                            preprocess="none", pixel_weight=1.0, percep_weight=0.0, steps=60, batch_size=4, lr=1e-4,
+                            beta1=0.9, beta2=0.99, lr_policy="constant", prune_frequency=5, log_every=10,
+                            sample_every=100, checkpoint_every=30, eval_size=32),
         **{task: dict(Dense.presets[task], steps=Dense.presets[task]["steps"] // 10) for task in PAPER_TASKS},
     }
 
