@@ -138,10 +138,11 @@ def pruned_reference(model: nn.Module) -> nn.Module:
 def check_equivalence(masked_model: nn.Module, compact_model: nn.Module, *inputs, atol: float = 1e-5) -> float:
     """Test helper: assert that compact_model computes what pruned_reference(masked_model) does on
     `inputs` (both in eval mode, without gradients) within `atol`, and return the max abs difference.
+    A model with `exportable()` is compared as that module, as compact compacts it.
 
     Works for models with one tensor output or a tuple / list of them. Raises AssertionError naming
     the difference otherwise."""
-    reference = pruned_reference(masked_model)
+    reference = pruned_reference(_exportable(masked_model))
     was_training = compact_model.training
     compact_model.eval()
     try:
