@@ -20,11 +20,13 @@ How: operations are counted as they run (a TorchFunctionMode), and forward hooks
 to the innermost module running. gansparse's fused layers run their work in compiled ops that
 cannot be seen that way, so they are counted from their modules instead, as their unfused
 equivalent: conv + affine norm (a mask is not a MAC). A module with a method
-`profile_macs(x, out) -> (output_side, input_side)` counts itself the same way (StyleGAN2's
-modulated conv, a grouped conv with per-sample weights, does); its mask is taken as a conv's,
-unless it sets `profile_channelwise = True` (a norm: channel c out of channel c in), whose mask,
-as a masked norm's, prunes the layer that produced its input. Works on the 'meta' device: nothing
-is computed, and the full-size models profile in milliseconds.
+`profile_macs(x, out) -> (output_side, input_side)` counts itself the same way; it is taken as a
+conv (its input channels read, its output channels new), unless it sets `profile_channelwise =
+True` (a norm: channel c out of channel c in). profile_macs may also return parts, [(output_side,
+input_side, kind)] with the kinds of _Part: StyleGAN2's modulated conv, a grouped conv with
+per-sample weights, returns its style linear ('input': one style per input channel) and its conv
+('conv'). Works on the 'meta' device: nothing is computed, and the full-size models profile in
+milliseconds.
 
 Masks: a row's `macs` is the layer as it is (dense). `macs_effective` counts only the channels
 gansparse.export.compact would keep, followed as the model runs with its masks frozen at their
