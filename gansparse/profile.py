@@ -221,11 +221,12 @@ class _Channels:
     resampling, depthwise convs), additions and other elementwise ops (a residual stream channel
     is one group across every block adding to it) and concatenations. A group stays when a layer
     mixing channels (a conv, a linear layer, a matmul, anything else) reads one of its channels
-    while it is not provably 0, or when it reaches the model's output; every tensor keeps at least
-    one channel. Provably 0: set to 0 by a mask, then kept constant by per-channel ops (checked on
-    the values) and 0 (a ReLU, or an instance norm of a constant). What this leaves out of export's
-    rules: the non-zero constants export folds into the next layer's bias (where the mask sits
-    before a norm and the padding allows it), and the channels views move to another axis."""
+    while it is not provably 0 (for a layer that folds constants into its bias, not provably
+    constant), or when it reaches the model's output; every tensor keeps at least one channel.
+    Provably constant: set to 0 by a mask, then kept constant by per-channel ops (checked on the
+    values; 0 after a ReLU, any value after a norm). What this leaves out of export's rules (so a
+    channel stays here that export removes): channels followed through views to another axis, and
+    through a matmul's contracted axis."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
