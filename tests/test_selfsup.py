@@ -1,6 +1,6 @@
 """Self-Supervised GAN Compression (`--method selfsup`): the consistency losses on hand-built values,
 the pruning schedule through the method, and small end-to-end runs (target sparsity, sparsified
-export, resume)."""
+export, resume) on CycleGAN, pix2pix, DCGAN and StarGAN."""
 import json
 from pathlib import Path
 
@@ -67,6 +67,17 @@ def test_paper_presets_train_a_tenth_of_the_dense_schedule():
     assert resolve(SelfSup, "horse2zebra")["steps"] == 26_680
     assert resolve(SelfSup, "edges2shoes")["steps"] == 18_684
     assert resolve(SelfSup, "cityscapes")["direction"] == "BtoA"
+    assert resolve(SelfSup, "mnist")["steps"] == 25 * 469 // 10  # DCGAN: 25 epochs of MNIST at batch 128
+    rafd = resolve(SelfSup, "rafd")
+    assert (rafd["steps"], rafd["n_critic"], rafd["batch_size"], rafd["lr"]) == (20_000, 5, 16, 1e-4)
+
+
+def test_stargan_terms_and_weights_are_the_official_ones():
+    stargan = _objective(resolve(SelfSup, "smoke_stargan"))
+    # alpha, beta and delta of Eq. 7-8: lambda_cls, lambda_rec and lambda_gp.
+    assert stargan.generator_weights() == {"G_fake": 1.0, "G_cls": 1.0, "G_rec": 10.0}
+    assert stargan.discriminator_weights() == {"D_real": 1.0, "D_fake": 1.0, "D_cls": 1.0, "D_gp": 10.0}
+    assert _objective(resolve(SelfSup, "smoke_dcgan")).generator_weights() == {"G_gan": 1.0}
 
 
 # --- on a trained teacher -------------------------------------------------------------------------
@@ -234,6 +245,85 @@ def test_pix2pix_smoke_run(pix2pix_teacher, tmp_path, one_thread):
     assert state["sparsity_history"]["overall"][-1][1] == pytest.approx(0.5, abs=0.01)
     assert set(state["history"]) >= {"GC", "DC", "G_gan", "G_L1", "D"}
     assert (out / "export" / "generator.safetensors").exists()
+
+
+# --- the synthesis and multi-domain base GANs ----------------------------------------------------
+
+# Per base GAN: (preset, tiny options, loss terms logged, G's inputs for the export check).
+GANS = {
+    "dcgan": ("smoke_dcgan", ["--nz", "8", "--ngf", "4", "--ndf", "4"], {"G_gan", "D_real", "D_fake"},
+              lambda: (torch.randn(2, 8),)),
+    "stargan": ("smoke_stargan", ["--g_conv_dim", "4", "--d_conv_dim", "4", "--g_repeat_num", "1"],
+                {"G_fake", "G_cls", "G_rec", "D_real", "D_fake", "D_cls", "D_gp"},
+                lambda: (torch.randn(2, 3, 32, 32), torch.eye(4)[[1, 3]])),
+}
+GAN_RUN = ["--device", "cpu", "--deterministic", "true", "--batch_size", "2", "--log_every", "1",
+           "--sample_every", "1000", "--tensorboard", "false"]
+
+
+@pytest.fixture(scope="module")
+def gan_teacher(tmp_path_factory):
+    """gan_teacher(name): a dense teacher of base GAN `name` trained for a few steps (once per module)."""
+    teachers = {}
+
+    def teacher(name: str) -> Path:
+        if name not in teachers:
+            preset, options, _, _ = GANS[name]
+            out = tmp_path_factory.mktemp(f"{name}_teacher")
+            teachers[name] = train_teacher(out, "--preset", preset, *GAN_RUN, *options)
+        return teachers[name]
+
+    return teacher
+
+
+def _gan_selfsup(name: str, teacher: Path, out: Path, *options: str) -> list[str]:
+    return ["--method", "selfsup", "--preset", GANS[name][0], *GAN_RUN, "--teacher", str(teacher), "--out", str(out),
+            *options]
+
+
+@pytest.mark.parametrize("name", list(GANS))
+def test_gan_smoke_run_reaches_the_target_sparsity_and_exports_the_sparse_student(name, gan_teacher, tmp_path,
+                                                                                   one_thread):
+    teacher = gan_teacher(name)
+    out = tmp_path / name
+    # StarGAN updates G on steps 5 and 10 (n_critic 5), D on every step.
+    assert main(_gan_selfsup(name, teacher, out, "--steps", "10", "--prune_frequency", "1", "--eval", "true",
+                             "--eval_size", "4", "--eval_fidelity", "false", "--eval_lpips", "false")) == 0
+    tensors, state = checkpoint.load(checkpoint.latest(out))
+    assert set(state["history"]) >= {"GC", "DC"} | GANS[name][2]
+    assert state["history"]["GC"][-1][1] > 0
+    assert state["sparsity_history"]["overall"][-1][1] == pytest.approx(0.5, abs=0.01)
+    masks = [key for key in tensors if key.endswith(".weight_mask")]
+    assert masks and {key.split(".")[0] for key in masks} == {"G"}
+    for key in masks:
+        mask, weight = tensors[key], tensors[key.removesuffix("_mask")]
+        assert 1 - mask.mean().item() == pytest.approx(0.5, abs=0.5 / mask.numel() + 1e-9), key
+        assert torch.all(weight[mask == 0] == 0), key  # pruned weights are exactly 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["macs"] < report["teacher"]["macs"]
+    assert (out / "samples").is_dir()
+    # The exported generator computes the trained masked student.
+    method = _method(teacher, GANS[name][0])
+    method.load_state_dict(tensors)
+    exported = export.load(out / "export" / "generator.safetensors")
+    inputs = GANS[name][3]()
+    with torch.no_grad():
+        assert (exported(*inputs) - method.nets["G"].eval()(*inputs)).abs().max().item() <= 1e-5
+
+
+def test_stargan_resume_after_sigkill_gives_the_uninterrupted_run(gan_teacher, tmp_path, one_thread):
+    # On StarGAN, whose G skips steps (n_critic): a resumed run must skip the same ones.
+    name, teacher = "stargan", gan_teacher("stargan")
+    options = ["--steps", "12", "--prune_frequency", "2", "--checkpoint_every", "3", "--eval", "false",
+               "--export", "false"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    interrupted_at = kill_at_checkpoint(_gan_selfsup(name, teacher, killed, *options), killed, 3)
+    assert 3 <= interrupted_at < 12
+    assert main(_gan_selfsup(name, teacher, full, *options)) == 0
+    assert main(["--resume", str(killed)]) == 0
+    full_state, resumed_state = assert_same_run(full, killed, 12)
+    assert resumed_state["method"]["pruners"] == full_state["method"]["pruners"]
+    assert [step for step, _ in full_state["history"]["GC"]] == [5, 10]
 
 
 def test_a_missing_teacher_is_a_clear_error(tmp_path, capsys):
