@@ -74,12 +74,10 @@ class StarGAN(Objective):
     # --- data -----------------------------------------------------------------------------------
 
     def prepare(self, batch: dict) -> dict:
-        """Adds 'A' (the input image, for the sample grids), 'label_trg' (the target domains, the
-        batch's labels permuted), the one-hot 'c_org' and 'c_trg' [N, c_dim] and 'gp_alpha' [N, 1,
-        1, 1] (the penalty's mixing weights)."""
+        """Adds 'label_trg' (the target domains, the batch's labels permuted), the one-hot 'c_org'
+        and 'c_trg' [N, c_dim] and 'gp_alpha' [N, 1, 1, 1] (the penalty's mixing weights)."""
         batch = super().prepare(batch)
         count = len(batch["image"])
-        batch.setdefault("A", batch["image"])
         if "label_trg" not in batch:
             batch["label_trg"] = batch["label"][torch.randperm(count, device=self.device)]
         if "gp_alpha" not in batch:
@@ -91,6 +89,9 @@ class StarGAN(Objective):
 
     def generator_inputs(self, batch: dict, generator: str = "G") -> tuple[torch.Tensor, ...]:
         return batch["image"], batch["c_trg"]
+
+    def input_image(self, batch: dict) -> torch.Tensor:
+        return batch["image"]
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
         size = self.cfg["crop_size"]
