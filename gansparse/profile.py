@@ -478,6 +478,8 @@ class _Profiler(TorchFunctionMode):
         else:
             track_out = self.channels.per_channel(y, [x], zero=zero)
             track_in = track_out
+            if isinstance(module, ConditionalBatchNorm2d):  # a per-sample affine: constant only where masked
+                track_out.const = zero.clone() if zero is not None else torch.zeros_like(track_out.const)
         return (track_in.slots if track_in is not None else None), track_out.slots
 
     def _follow_function(self, name: str, args, kwargs, out, depthwise: bool):

@@ -11,7 +11,7 @@ from torchprofile import profile_macs
 
 from _reference_gan_compression import random_hard_masks_
 from _reference_nets import randomise_
-from gansparse import MaskedConv2d, MaskedConvNormAct, export, profile, profile_table
+from gansparse import ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, export, profile, profile_table
 from gansparse.masks import HardMask, named_masks
 from gansparse.models import NLayerDiscriminator, ResnetGenerator, UnetGenerator
 from gansparse.models.norms import ChannelMask
@@ -178,6 +178,29 @@ def test_effective_macs_through_a_masked_depthwise_conv():
     rows = profile(model, x)["layers"]
     assert [row["macs_effective"] / row["macs"] for row in rows] == [5 / 8, 5 / 8, 5 / 8]
     assert sum(row["macs_effective"] for row in rows) == profile(export.compact(model, x), x)["macs"]
+
+
+class _MaskBeforeConditionalNorm(nn.Module):
+    """masked conv -> class-conditional batch norm -> 1x1 conv: a masked channel becomes, after the
+    norm, one value per sample, which the 1x1 conv cannot fold into its bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = MaskedConv2d(3, 6, 3, padding=1, mask=HardMask(6, torch.tensor([1.0, 0, 1, 0, 1, 1])))
+        self.norm = ConditionalBatchNorm2d(6, num_classes=3)
+        self.out = nn.Conv2d(6, 2, 1)
+        with torch.no_grad():
+            self.norm.running_mean.normal_()
+            self.norm.bias.weight.normal_()
+
+    def forward(self, x, y):
+        return self.out(self.norm(self.conv(x), y))
+
+
+def test_effective_macs_keep_channels_a_conditional_norm_makes_per_sample():
+    model, x, y = _MaskBeforeConditionalNorm().eval(), torch.randn(1, 3, 8, 8), torch.tensor([1])
+    stats = profile(model, x, y)  # batch 1: the values alone cannot tell a per-sample constant
+    assert stats["macs_effective"] == stats["macs"] == profile(export.compact(model, x, y), x, y)["macs"]
 
 
 class _SoftMaskAlone(nn.Module):
