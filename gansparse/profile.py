@@ -49,6 +49,7 @@ macs_effective is None when the masks are on 'meta'.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from math import prod
 
@@ -204,7 +205,7 @@ def _channel_state(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Track:
     """The channels (dim 1) of one tensor: a union-find slot each, and which are provably constant."""
 
-    tensor: torch.Tensor  # held, so its id stays its own
+    tensor: weakref.ref   # to the tensor: its id is its own while it lives, and it is not kept alive
     slots: list[int]
     const: torch.Tensor   # bool [C]
     value: torch.Tensor   # [C], the value of a constant channel
@@ -250,7 +251,7 @@ class _Channels:
 
     def get(self, t) -> _Track | None:
         track = self.tracks.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return track if track is not None and track.tensor is t else None
+        return track if track is not None and track.tensor() is t else None
 
     def new(self, t: torch.Tensor, zero: torch.Tensor | None = None) -> _Track:
         """Fresh channels for the output of a layer that mixes channels; `zero`: those a mask sets to 0."""
@@ -259,7 +260,7 @@ class _Channels:
         self.parent.extend(range(start, start + channels))
         self.pinned.extend([False] * channels)
         zero = torch.zeros(channels, dtype=torch.bool) if zero is None else zero
-        track = _Track(t, list(range(start, start + channels)), zero.clone(), torch.zeros(channels))
+        track = _Track(weakref.ref(t), list(range(start, start + channels)), zero.clone(), torch.zeros(channels))
         self.tracks[id(t)] = track
         return track
 
@@ -295,7 +296,7 @@ class _Channels:
         for track in tracks:
             track.reads += 1
         value, uniform = _channel_state(out)
-        const = uniform.cpu().clone()
+        value, const = value.detach().float().cpu(), uniform.cpu().clone()
         for track in tracks:
             const &= track.const
         if multiplies:
@@ -303,12 +304,11 @@ class _Channels:
                 const |= track.zero()
         if zero is not None:
             const |= zero
-        result = _Track(out, list(tracks[0].slots), const, value.detach().float().cpu())
+            value = torch.where(zero, torch.zeros(()), value)
+        result = _Track(weakref.ref(out), list(tracks[0].slots), const, value)
         for track in tracks[1:]:
             for a, b in zip(result.slots, track.slots):
                 self.union(a, b)
-        if zero is not None:
-            result.value = torch.where(zero, torch.zeros(()), result.value)
         self.tracks[id(out)] = result
         return result
 
@@ -316,8 +316,8 @@ class _Channels:
         tracks = [self.get(t) or self.new(t) for t in parts]
         for track in tracks:
             track.reads += 1
-        self.tracks[id(out)] = _Track(out, [s for t in tracks for s in t.slots], torch.cat([t.const for t in tracks]),
-                                      torch.cat([t.value for t in tracks]))
+        self.tracks[id(out)] = _Track(weakref.ref(out), [s for t in tracks for s in t.slots],
+                                      torch.cat([t.const for t in tracks]), torch.cat([t.value for t in tracks]))
 
     def keep_one_each(self) -> None:
         """A tensor keeps at least one channel (torch layers take no 0-channel input)."""
