@@ -357,11 +357,11 @@ def test_export_removes_the_masked_channels_and_matches_the_masked_generator(spa
     compact = export.compact(g)  # traces g.exportable() on its example_inputs()' z
     z = torch.randn(3, 16)
     assert export.check_equivalence(g, compact, z) <= 1e-5  # g as g.exportable()
-    if kind == "hard":  # binary masks: the compact model is the generator itself
+    if kind == "hard":  # binary masks: the compact model computes what the generator computes
         with torch.no_grad():
             torch.testing.assert_close(compact(z), g([z], randomize_noise=False)[0], rtol=0, atol=1e-5)
-    # Each StyledConv keeps the channels its mask keeps: its conv's outputs, the next conv's and
-    # the ToRGB's inputs (with their modulation rows), its noise-free bias.
+    # Each StyledConv keeps the channels its mask keeps: its conv's outputs and its activation's
+    # bias, the next conv's and the ToRGB's inputs (with their rows of the style linear).
     kept_in = NARROW[4]  # conv1 reads the constant input, which has no mask
     for name, conv in zip(["conv1"] + [f"convs.{i}" for i in range(len(g.convs))], _styled_convs(g)):
         kept = int(conv.mask.keep().sum())
@@ -369,10 +369,10 @@ def test_export_removes_the_masked_channels_and_matches_the_masked_generator(spa
         assert plain.weight.shape[:3] == (1, kept, kept_in) and plain.modulation.out_features == kept_in
         assert compact.get_submodule(f"generator.{name}.activate").bias.numel() == kept
         kept_in = kept
-    for j, to_rgb in enumerate(g.to_rgbs):
+    for j in range(len(g.to_rgbs)):
         kept = int(g.convs[2 * j + 1].mask.keep().sum())
         assert compact.get_submodule(f"generator.to_rgbs.{j}.conv.modulation").out_features == kept
-    assert not any(isinstance(m, (stylegan2.ModulatedConv2d, HardMask)) for m in compact.modules())
+    assert not any(isinstance(m, (stylegan2.ModulatedConv2d, Mask)) for m in compact.modules())
     # Fewer parameters and MACs than the same generator exported without masks.
     dense = export.compact(stylegan2.Generator(**SMALL_G))
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in dense.parameters())
