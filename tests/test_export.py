@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import gansparse
 from gansparse import (ConditionalBatchNorm2d, MaskedConv2d, MaskedConvNormAct, MaskedConvTranspose2d, SparseConv2d,
                        export)
 from gansparse.masks import DMADMask, HardMask, SigmoidMask, binarize_masks_, named_masks
@@ -408,6 +409,31 @@ def test_load_rejects_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a model saved by gansparse.export.save"):
         export.load(path)
+
+
+def test_load_calls_only_the_functions_it_knows(tmp_path):
+    """A graph may call gansparse's upfirdn2d and fused_leaky_relu by name, no other gansparse
+    function (nor anything outside torch, torch.nn.functional and operator)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(gansparse.functional.fused_leaky_relu, (graph.placeholder("x"),)))
+    path = tmp_path / "act.safetensors"
+    export.save(torch.fx.GraphModule(nn.Module(), graph), path)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(export.load(path)(x), gansparse.functional.fused_leaky_relu(x))
+    with safe_open(path, framework="pt") as file:
+        architecture = json.loads(file.metadata()["gansparse.export"])
+    for name in ("gansparse.functional.sparse_conv2d", "os.system"):
+        for node in architecture["graph"]:
+            if node["op"] == "call_function":
+                node["target"] = name
+        save_file({}, path, metadata={"gansparse.export": json.dumps(architecture)})
+        with pytest.raises(ValueError, match=f"unknown function '{name}'"):
+            export.load(path)
 
 
 def test_save_needs_a_compact_model(tmp_path):
