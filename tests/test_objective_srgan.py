@@ -221,3 +221,20 @@ def test_smoke_run_dense_then_selfsup_to_the_target_sparsity(tmp_path, one_threa
     torch.testing.assert_close(images[3::4], hr)
     lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(-1, 1)
     torch.testing.assert_close(images[0::4], F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(-1, 1))
+
+
+def test_perceptual_features_are_vgg19_conv5_4_before_its_relu(empty_hub):
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    features = vgg19().features.eval()  # random weights in torchvision's layout, the classifier left out
+    empty_hub.parent.mkdir(parents=True)
+    torch.save({f"features.{key}": value for key, value in features.state_dict().items()}, empty_hub)
+    objective = _objective(percep_weight=1.0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = features[:35](((x + 1) / 2 - mean[:, None, None]) / std[:, None, None])
+    assert isinstance(features[34], nn.Conv2d) and expected.shape == (2, 512, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(objective.vgg(x), expected, rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in objective.vgg.parameters())

@@ -57,9 +57,14 @@ class VGGFeatures(nn.Module):
                 "train without the perceptual term: --percep_weight 0")
         from torchvision.models import vgg19  # here: only this loss needs torchvision
 
-        vgg = vgg19()
-        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.features = vgg.features[:self.CONV5_4 + 1].eval().requires_grad_(False)
+        with torch.device("meta"):  # no memory or init for the weights loaded next, nor the classifier
+            self.features = vgg19().features[:self.CONV5_4 + 1]
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads the features only
+        prefix = "features."
+        kept = {key[len(prefix):]: value for key, value in state.items()
+                if key.startswith(prefix) and int(key.split(".")[1]) <= self.CONV5_4}
+        self.features.load_state_dict(kept, assign=True)
+        self.features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
