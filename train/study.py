@@ -130,17 +130,19 @@ def _built(method_cls, cfg: dict):
 
 
 def _check_earlier_run(run: _Run, settled: dict) -> None:
-    """FileExistsError when the run's directory holds a run with other options than `run`'s (and
-    no --overwrite). `settled`: the options building the method fixes (the teacher's
+    """FileExistsError when the run's directory holds a run with other values of the options than
+    `run`'s (and no --overwrite). `settled`: the options building the method fixes (the teacher's
     architecture), which a run's config.yaml holds."""
     run_dir = Path(run.cfg["out"])
     if run.cfg["overwrite"] or not (run_dir / "config.yaml").exists():
         return
     saved, expected = load_yaml(run_dir / "config.yaml"), {**run.cfg, **settled}
-    differ = [key for key in expected if key not in ("out", "overwrite") and saved.get(key) != expected[key]]
+    # An option the saved config lacks was added to the code after that run: it ran at its default.
+    differ = [key for key in expected
+              if key in saved and key not in ("out", "overwrite") and saved[key] != expected[key]]
     if differ:
         raise FileExistsError(f"{run_dir} holds a run with other options ("
-                              + ", ".join(f"{key}: {saved.get(key)!r} there, {expected[key]!r} now" for key in differ)
+                              + ", ".join(f"{key}: {saved[key]!r} there, {expected[key]!r} now" for key in differ)
                               + "): rerun the study with its options, choose another --out, or pass --overwrite")
 
 
