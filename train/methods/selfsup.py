@@ -7,7 +7,9 @@ Networks (Table 1 (b)):
 - G_c, the students G (and G_inv): copies of the teacher generators with every conv and deconv a
   gansparse.SparseConv2d / SparseConvTranspose2d (a weight mask);
 - D_o, the teacher's discriminators D (and D_inv), which keep training with the base objective's
-  D loss on the students' samples (through its history pools, if any), as the dense method does.
+  D loss on the students' samples (through its history pools, if any), as the dense method does;
+  a base GAN with n_critic > 1 (StarGAN) updates the students on every n_critic-th step only, D_o
+  on every step.
 
 G's loss (Eq. 9): L = L_GC + lambda_dc * L_DC, both the weighted normalised distance
 sum_t w_t |l_t(o) - l_t(c)| / |l_t(o)| (consistency_loss) between a loss term computed with the
