@@ -1,6 +1,7 @@
 """The dcgan and stargan base GANs (train/objectives): their loss terms on hand-built networks whose
-values are known, StarGAN's draws and gradient penalty, option errors, and n_critic through the
-training loop (G updated on every n_critic-th step only)."""
+values are known, StarGAN's draws and gradient penalty, option errors, n_critic through the
+training loop (G updated on every n_critic-th step only), and the official StarGAN checkpoints as a
+teacher."""
 import math
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import _reference_stargan as reference
+from _reference_nets import randomise_
 from _runs import single_thread
 from train import checkpoint, loop
 from train.config import ConfigError, resolve
@@ -15,6 +18,7 @@ from train.methods.dense import Dense
 from train.methods.selfsup import consistency_loss
 from train.objectives import get_objective
 from train.objectives.stargan import gradient_penalty
+from train.teacher import load_teacher
 
 CPU = torch.device("cpu")
 
@@ -210,3 +214,16 @@ def test_n_critic_updates_the_generator_every_n_critic_steps_only(tmp_path):
     # Each LR schedule runs over its part's own updates: G's 2, D's 7 (linear decay from the start).
     assert history["lr_G"][-1][1] == pytest.approx(1e-4 * (1 - 2 / 3))
     assert history["lr_D"][-1][1] == pytest.approx(1e-4 * (1 - 7 / 8))
+
+
+def test_the_official_stargan_checkpoints_load_as_a_teacher(tmp_path):
+    G, D = randomise_(reference.Generator(4, 4, 1)), randomise_(reference.Discriminator(32, 4, 4, 3))
+    torch.save(G.state_dict(), tmp_path / "200000-G.ckpt")  # the official files: plain state_dicts
+    torch.save(D.state_dict(), tmp_path / "200000-D.ckpt")
+    cfg = resolve(Dense, "smoke_stargan", overrides=dict(device="cpu", g_conv_dim=4, d_conv_dim=4, g_repeat_num=1))
+    cfg["teacher"] = str(tmp_path)
+    teacher = load_teacher(cfg, CPU)
+    x, c = torch.randn(2, 3, 32, 32), torch.eye(4)[[0, 2]]
+    with torch.no_grad():
+        assert torch.equal(teacher["G"](x, c), G.train()(x, c))  # the official code's (training-mode) outputs
+        assert all(torch.equal(a, b) for a, b in zip(teacher["D"](x), D(x)))
